@@ -1,0 +1,37 @@
+"""pisco-rag: compressed-document RAG (PISCO / OSCAR) on one framework-free core."""
+
+from .config import PiscoConfig
+from .errors import (
+    CheckpointError,
+    CorruptMemoryError,
+    DocumentTooLongError,
+    MemoryMismatchError,
+    PiscoError,
+    PiscoInputError,
+    RerankingUnavailableError,
+    TagError,
+)
+from .memory import Memory, memory_key
+from .model import Completion, PiscoModel
+from .stores import LRUMemoryStore, MemoryStore, SQLiteMemoryStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Completion",
+    "CorruptMemoryError",
+    "DocumentTooLongError",
+    "LRUMemoryStore",
+    "Memory",
+    "MemoryMismatchError",
+    "MemoryStore",
+    "PiscoConfig",
+    "PiscoError",
+    "PiscoInputError",
+    "PiscoModel",
+    "RerankingUnavailableError",
+    "SQLiteMemoryStore",
+    "TagError",
+    "memory_key",
+]

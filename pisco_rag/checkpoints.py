@@ -1,0 +1,169 @@
+"""Checkpoint files: resolution (local or hub), the native format, and naver's COCOM format.
+
+Native (what pisco-rag saves): ``config.json`` plus ``adapters.safetensors`` (every LoRA adapter,
+keys prefixed by adapter name) and ``embeddings.safetensors`` (the embedding / output rows that
+differ from the backbone: the added tokens, and any others a checkpoint changed). Base weights
+are referenced by ``config.backbone``, never copied. No pickle.
+
+Naver COCOM (``naver/pisco-*``): ``config.json`` with ``model_type: "COCOM"``,
+``decoder_first_last_layers.pth`` (full ``embed_tokens``/``lm_head``) and ``adapters.pth``
+(``{adapter_name: state_dict}``), read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+NATIVE_FILES = ("config.json", "adapters.safetensors", "embeddings.safetensors")
+NAVER_FILES = ("config.json", "adapters.pth", "decoder_first_last_layers.pth")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike[str], *, local_files_only: bool) -> Path:
+    """A local directory as is, else a hub snapshot (only the files the loaders read)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{str(path)!r} is a file; give the checkpoint's directory")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(
+            f"checkpoint directory {name!r} does not exist (and it is not a hub id 'owner/name')"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                allow_patterns=["*.json", "*.pth", "*.safetensors", "compressor/*"],
+                local_files_only=local_files_only,
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {name!r} is not in the local Hugging Face cache and could not be "
+            f"downloaded ({type(e).__name__}). On a machine with network access run "
+            f"`hf download {name} --local-dir DIR`, copy DIR here and pass its path instead."
+        ) from None
+
+
+def checkpoint_kind(directory: Path) -> str:
+    """``"native"`` or ``"naver"``, from ``config.json``."""
+    cfg = read_json(directory / "config.json", what="checkpoint config")
+    if cfg.get("model_type") == "COCOM":
+        return "naver"
+    if "pisco_rag_format" in cfg:
+        return "native"
+    raise CheckpointError(
+        f"{directory}/config.json is neither a pisco-rag checkpoint (no 'pisco_rag_format') nor "
+        f"a naver COCOM checkpoint (model_type={cfg.get('model_type')!r})"
+    )
+
+
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
+    require_files(path.parent, [path.name], what=what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def require_files(directory: Path, names: list[str] | tuple[str, ...], *, what: str) -> None:
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{what} in {directory} is missing {', '.join(missing)}; copy the complete "
+            "checkpoint directory"
+        )
+
+
+def read_naver(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
+    """(config, first/last layer tensors, {adapter_name: state_dict}) of a naver checkpoint."""
+    require_files(directory, NAVER_FILES, what="naver COCOM checkpoint")
+    cfg = read_json(directory / "config.json", what="naver COCOM checkpoint")
+    first_last = _torch_load(directory / "decoder_first_last_layers.pth")
+    adapters = _torch_load(directory / "adapters.pth")
+    if not isinstance(adapters, dict) or "decoder_adapter" not in adapters:
+        raise CheckpointError(
+            f"{directory}/adapters.pth has no 'decoder_adapter' (keys: {list(adapters)[:5]})"
+        )
+    return cfg, first_last, adapters
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+
+
+def save_native(
+    directory: Path,
+    config: dict[str, Any],
+    adapters: dict[str, dict[str, torch.Tensor]],
+    embeddings: dict[str, torch.Tensor],
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {
+        f"{name}.{key}": t.detach().contiguous().cpu()
+        for name, sd in adapters.items()
+        for key, t in sd.items()
+    }
+    save_file(flat, directory / "adapters.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in embeddings.items()},
+        directory / "embeddings.safetensors",
+        metadata={"format": "pt"},
+    )
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_native(directory: Path) -> tuple[dict, dict[str, dict], dict[str, torch.Tensor]]:
+    require_files(directory, NATIVE_FILES, what="pisco-rag checkpoint")
+    cfg = read_json(directory / "config.json", what="pisco-rag checkpoint")
+    try:
+        flat = load_file(directory / "adapters.safetensors")
+        embeddings = load_file(directory / "embeddings.safetensors")
+    except Exception as e:
+        raise CheckpointError(f"cannot read the safetensors files in {directory}: {e}") from None
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        name, _, param = key.partition(".")
+        adapters.setdefault(name, {})[param] = t
+    return cfg, adapters, embeddings
+
+
+def load_backbone(
+    name: str, *, dtype: torch.dtype | None, local_files_only: bool
+) -> tuple[Any, Any]:
+    """(causal LM, tokenizer) for a backbone name: ``embedded:<name>``, a local dir, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith("embedded:"):
+        from .defaults import embedded_backbone_dir
+
+        source: str | Path = embedded_backbone_dir(name.removeprefix("embedded:"))
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().is_dir() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or torch.float32, local_files_only=local_files_only
+        )
+    except OSError as e:
+        raise CheckpointError(
+            f"backbone {name!r} could not be loaded ({str(e).splitlines()[0]}). Without network "
+            "access, download it elsewhere (`hf download NAME --local-dir DIR`) and pass "
+            "backbone=DIR, or use the embedded default (PiscoModel.from_pretrained('embedded'))."
+        ) from None
+    return model, tokenizer

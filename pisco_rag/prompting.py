@@ -1,0 +1,152 @@
+"""Decoder prompts: chat rendering with memory slots, tag parsing, and tokenisation.
+
+A prompt is a list of chat turns whose content mixes text and :class:`Memory` objects. Each
+memory becomes the slot ``<MEM0>..<MEM{n-1}><SEP>`` in the rendered prompt; the model later
+writes the memory vectors into the input embeddings at the ``<MEMi>`` positions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import PiscoInputError, TagError
+from .memory import Memory
+from .tags import LOOSE_TAG_PATTERN, TAG_PATTERN
+
+Segment = Union[str, Memory]  # noqa: UP007 (runtime alias)
+
+# Used for tokenizers without a chat template (base models, tiny test models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass
+class ChatTurn:
+    role: str
+    content: list[Segment]
+
+
+@dataclass
+class RenderedPrompt:
+    """Token ids of one prompt and the memories for its slots, in slot order."""
+
+    input_ids: list[int]
+    memories: list[Memory]
+
+
+def split_tags(text: str, resolve: Callable[[str, str], Memory]) -> list[Segment]:
+    """Split ``text`` at memory tags, resolving each with ``resolve(key, mac)``."""
+    segments: list[Segment] = []
+    pos = 0
+    for loose in LOOSE_TAG_PATTERN.finditer(text):
+        strict = TAG_PATTERN.fullmatch(loose.group(0))
+        if strict is None:
+            raise TagError(
+                f"malformed memory tag {loose.group(0)!r} in the prompt: tags are minted by "
+                "PiscoModel.tag()/the memory store and must be passed on unchanged"
+            )
+        if loose.start() > pos:
+            segments.append(text[pos : loose.start()])
+        segments.append(resolve(strict.group(1), strict.group(2)))
+        pos = loose.end()
+    if pos < len(text):
+        segments.append(text[pos:])
+    return segments
+
+
+class PromptRenderer:
+    """Turns chat turns with memories into token ids, with the backbone's chat template."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, n_mem: int, sep_token: str = "<SEP>"
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.n_mem = n_mem
+        self.slot = "".join(f"<MEM{i}>" for i in range(n_mem)) + sep_token
+        self._reserved = [t for t in tokenizer.get_added_vocab() if t]
+
+    def pisco_turns(
+        self, question: str, contexts: Sequence[Segment], system_prompt: str
+    ) -> list[ChatTurn]:
+        """The PISCO prompt: ``Background:`` + one slot per memory (text passages inline) +
+        ``Question:``."""
+        content: list[Segment] = ["Background:\n"]
+        for ctx in contexts:
+            content.extend([ctx] if isinstance(ctx, Memory) else [ctx, "\n"])
+        content.append("\n\nQuestion:" + question)
+        return [ChatTurn("system", [system_prompt]), ChatTurn("user", content)]
+
+    def render(self, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> RenderedPrompt:
+        texts: list[str] = []
+        memories: list[Memory] = []
+        messages = []
+        for turn in turns:
+            parts = []
+            for seg in turn.content:
+                if isinstance(seg, Memory):
+                    parts.append(self.slot)
+                    memories.append(seg)
+                elif seg:
+                    parts.append(f"\ue000{len(texts)}\ue001")
+                    texts.append(seg)
+            messages.append({"role": turn.role, "content": "".join(parts)})
+        rendered = self._apply_template(messages, add_generation_prompt)
+        ids = self._tokenize(rendered, texts)
+        return RenderedPrompt(ids, memories)
+
+    def _apply_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        template = None if self.tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
+        except Exception as e:  # jinja raises TemplateError for templates without a system role
+            if messages[0]["role"] != "system" or len(messages) < 2:
+                raise
+            if "system" not in str(e).lower():
+                raise
+            merged = [
+                {"role": messages[1]["role"],
+                 "content": messages[0]["content"] + "\n" + messages[1]["content"]},
+                *messages[2:],
+            ]
+            return self.tokenizer.apply_chat_template(merged, chat_template=template, **kwargs)
+
+    def _tokenize(self, rendered: str, texts: list[str]) -> list[int]:
+        tok = self.tokenizer
+        unsafe = any(r in t for t in texts for r in self._reserved)
+        if not unsafe:  # common case: tokenise the whole prompt at once, exactly as reference code
+            full = _SENTINEL.sub(lambda m: texts[int(m.group(1))], rendered)
+            return tok(full, add_special_tokens=False)["input_ids"]
+        # Some text contains special-token strings (say "<MEM0>" or "<|im_end|>"): tokenise
+        # text pieces with special tokens split, so text can never become a slot or a turn end.
+        ids: list[int] = []
+        pos = 0
+        for m in _SENTINEL.finditer(rendered):
+            if m.start() > pos:
+                ids += tok(rendered[pos : m.start()], add_special_tokens=False)["input_ids"]
+            piece = texts[int(m.group(1))]
+            ids += tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pos = m.end()
+        if pos < len(rendered):
+            ids += tok(rendered[pos:], add_special_tokens=False)["input_ids"]
+        return ids
+
+
+def check_segment(seg: object, where: str) -> Segment:
+    if isinstance(seg, Memory):
+        return seg
+    if not isinstance(seg, str):
+        raise PiscoInputError(
+            f"{where} must be a Memory or a str, got {type(seg).__name__}"
+        )
+    if not seg.strip():
+        raise PiscoInputError(f"{where} is an empty string; drop it or give text")
+    return seg
