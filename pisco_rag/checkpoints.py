@@ -104,7 +104,9 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+        raise CheckpointError(
+            f"cannot read {path} with torch.load(weights_only=True): {e}"
+        ) from None
 
 
 def save_native(

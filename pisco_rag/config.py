@@ -85,7 +85,9 @@ class PiscoConfig:
     def from_naver(cls, data: dict[str, Any], *, name: str | None = None) -> PiscoConfig:
         """Map a naver COCOM ``config.json`` (PISCO variants) onto a native configuration."""
         if data.get("model_type") != "COCOM":
-            raise CheckpointError(f"not a naver COCOM config (model_type={data.get('model_type')!r})")
+            raise CheckpointError(
+                f"not a naver COCOM config (model_type={data.get('model_type')!r})"
+            )
         if data.get("compr_model_name") is not None:
             raise CheckpointError(
                 f"{name or 'this checkpoint'} is an OSCAR checkpoint (compr_model_name="
@@ -100,7 +102,9 @@ class PiscoConfig:
                 f"training_form={data.get('training_form')!r})"
             )
         if not data.get("different_mem_tokens", True):
-            raise CheckpointError("naver checkpoints with different_mem_tokens=false are not supported")
+            raise CheckpointError(
+                "naver checkpoints with different_mem_tokens=false are not supported"
+            )
         lora_r = int(data.get("lora_r", 16))
         return cls(
             backbone=data["decoder_model_name"],

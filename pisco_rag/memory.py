@@ -74,7 +74,6 @@ class Memory:
         """Decode :meth:`to_bytes` output; a damaged entry raises :class:`CorruptMemoryError`."""
         where = f"stored memory {key!r}" if key else "memory bytes"
         try:
-
             tensors = st_load(data)
             meta = _read_metadata(data)
             vectors = tensors["vectors"]

@@ -190,7 +190,9 @@ class PiscoModel:
     def save_pretrained(self, path: str | Path) -> None:
         """Save in the native format: config.json and safetensors, base weights by reference."""
         with self._lock:
-            adapters = {name: self.model.get_adapter_state_dict(name) for name in (ENCODER, DECODER)}
+            adapters = {
+                name: self.model.get_adapter_state_dict(name) for name in (ENCODER, DECODER)
+            }
         checkpoints.save_native(
             Path(path), self.config.to_dict(), adapters, self._changed_embedding_rows()
         )
@@ -425,7 +427,9 @@ class PiscoModel:
         for i, docs in enumerate(documents):
             for j, d in enumerate(docs):
                 if not isinstance(d, str):
-                    raise PiscoInputError(f"documents[{i}][{j}] must be a str, got {type(d).__name__}")
+                    raise PiscoInputError(
+                        f"documents[{i}][{j}] must be a str, got {type(d).__name__}"
+                    )
         prompts = self._pisco_prompts(questions, documents)
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):
@@ -442,7 +446,9 @@ class PiscoModel:
     def tags(self, memories: Sequence[Memory]) -> list[str]:
         return [self.tag(m) for m in memories]
 
-    def render_prompt(self, prompt: Messages, *, add_generation_prompt: bool = True) -> RenderedPrompt:
+    def render_prompt(
+        self, prompt: Messages, *, add_generation_prompt: bool = True
+    ) -> RenderedPrompt:
         """Resolve the memory tags of a prompt string or chat messages (``[{"role", "content"}]``)
         and tokenise it with the backbone's chat template."""
         if isinstance(prompt, str):
@@ -490,7 +496,9 @@ class PiscoModel:
         self, questions: Sequence[str], contexts: Sequence[Sequence[Memory | str]]
     ) -> list[RenderedPrompt]:
         if isinstance(questions, str):
-            raise PiscoInputError("questions must be a list of strings; wrap one question in a list")
+            raise PiscoInputError(
+                "questions must be a list of strings; wrap one question in a list"
+            )
         if contexts is None or isinstance(contexts, str) or len(contexts) != len(questions):
             raise PiscoInputError(
                 f"contexts must be a list with one sequence of memories/passages per question "
@@ -599,7 +607,9 @@ class PiscoModel:
                 while pad not in eos and row and row[-1] == pad:
                     row.pop()
                 tokens, n = row, len(row)
-            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+            text, stopped = _cut_at_stop(
+                self.tokenizer.decode(tokens, skip_special_tokens=True), stop
+            )
             reason = "stop" if end is not None or stopped else "length"
             results.append(Completion(text.strip(), len(p.input_ids), n, reason))
         return results
@@ -680,7 +690,9 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
         warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
         for name in (DECODER, ENCODER):
             if name in weights:
-                model.load_adapter(peft_config=lora, adapter_name=name, adapter_state_dict=weights[name])
+                model.load_adapter(
+                    peft_config=lora, adapter_name=name, adapter_state_dict=weights[name]
+                )
             else:
                 model.add_adapter(lora, adapter_name=name)
     missing = {DECODER, ENCODER} - set(weights) if weights else set()
@@ -750,7 +762,9 @@ def _check_documents(documents: object, name: str) -> list[str]:
         if not isinstance(d, str):
             raise PiscoInputError(f"{name}[{i}] must be a str, got {type(d).__name__}")
         if not d.strip():
-            raise PiscoInputError(f"{name}[{i}] is empty; remove empty documents before compressing")
+            raise PiscoInputError(
+                f"{name}[{i}] is empty; remove empty documents before compressing"
+            )
     return docs
 
 

@@ -84,7 +84,9 @@ class PromptRenderer:
         content.append("\n\nQuestion:" + question)
         return [ChatTurn("system", [system_prompt]), ChatTurn("user", content)]
 
-    def render(self, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> RenderedPrompt:
+    def render(
+        self, turns: Sequence[ChatTurn], add_generation_prompt: bool = True
+    ) -> RenderedPrompt:
         texts: list[str] = []
         memories: list[Memory] = []
         messages = []
@@ -113,8 +115,10 @@ class PromptRenderer:
             if "system" not in str(e).lower():
                 raise
             merged = [
-                {"role": messages[1]["role"],
-                 "content": messages[0]["content"] + "\n" + messages[1]["content"]},
+                {
+                    "role": messages[1]["role"],
+                    "content": messages[0]["content"] + "\n" + messages[1]["content"],
+                },
                 *messages[2:],
             ]
             return self.tokenizer.apply_chat_template(merged, chat_template=template, **kwargs)
@@ -144,9 +148,7 @@ def check_segment(seg: object, where: str) -> Segment:
     if isinstance(seg, Memory):
         return seg
     if not isinstance(seg, str):
-        raise PiscoInputError(
-            f"{where} must be a Memory or a str, got {type(seg).__name__}"
-        )
+        raise PiscoInputError(f"{where} must be a Memory or a str, got {type(seg).__name__}")
     if not seg.strip():
         raise PiscoInputError(f"{where} is an empty string; drop it or give text")
     return seg
