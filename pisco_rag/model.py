@@ -191,7 +191,8 @@ class PiscoModel:
         """Save in the native format: config.json and safetensors, base weights by reference."""
         with self._lock:
             adapters = {
-                name: self.model.get_adapter_state_dict(name) for name in (ENCODER, DECODER)
+                name: _lora_only(self.model.get_adapter_state_dict(name))
+                for name in (ENCODER, DECODER)
             }
         checkpoints.save_native(
             Path(path), self.config.to_dict(), adapters, self._changed_embedding_rows()
@@ -691,7 +692,9 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
         for name in (DECODER, ENCODER):
             if name in weights:
                 model.load_adapter(
-                    peft_config=lora, adapter_name=name, adapter_state_dict=weights[name]
+                    peft_config=lora,
+                    adapter_name=name,
+                    adapter_state_dict=_lora_only(weights[name]),
                 )
             else:
                 model.add_adapter(lora, adapter_name=name)
@@ -699,6 +702,11 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
     if missing:
         raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
     model.set_adapter(DECODER)
+
+
+def _lora_only(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA matrices of an adapter state dict (peft may add resized embedding layers)."""
+    return {k: v for k, v in state_dict.items() if "lora_" in k}
 
 
 def _load_naver_rows(model, first_last: dict, base_vocab: int, directory: Path) -> list[int]:

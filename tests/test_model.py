@@ -1,0 +1,195 @@
+"""PiscoModel on tiny random models: compression, chunking, generation, splicing, round trips."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, LONG_TEXT, tiny_backbone, tiny_pisco, randomize_lora
+
+from pisco_rag import DocumentTooLongError, PiscoModel
+from pisco_rag.chunking import count_tokens
+
+QUESTION = "Which river flows through the city?"
+
+
+def test_short_document_is_one_memory_of_n_mem_vectors(tiny_model):
+    (memory,) = tiny_model.compress(["The Elbe flows through Hamburg."])
+    assert tuple(memory.vectors.shape) == (8, 64)
+    assert memory.fingerprint == tiny_model.fingerprint
+    assert memory.source_index == 0 and memory.chunk_index == 0
+    assert memory.text == "The Elbe flows through Hamburg."
+
+
+def test_long_document_is_chunked_without_losing_text(tiny_model):
+    n_tokens = count_tokens(tiny_model.tokenizer, LONG_TEXT)
+    memories = tiny_model.compress(["short one", LONG_TEXT])
+    chunks = [m for m in memories if m.source_index == 1]
+    assert len(chunks) >= -(-n_tokens // 128) > 1
+    assert [m.chunk_index for m in chunks] == list(range(len(chunks)))
+    for m in chunks:
+        assert count_tokens(tiny_model.tokenizer, m.text) <= 128
+        assert m.text in LONG_TEXT
+    assert " ".join(m.text for m in chunks).split() == LONG_TEXT.split()
+
+
+def test_long_document_policies(tiny_model):
+    with pytest.warns(UserWarning, match=r"documents\[0\] is longer than 128 tokens"):
+        memories = tiny_model.compress([LONG_TEXT], long_documents="truncate")
+    assert len(memories) == 1 and LONG_TEXT.startswith(memories[0].text)
+    with pytest.raises(DocumentTooLongError, match=r"documents\[0\] has \d+ tokens"):
+        tiny_model.compress([LONG_TEXT], long_documents="error")
+
+
+def test_compress_reuses_the_store(tiny_model):
+    calls = []
+    original = tiny_model.compress_texts
+
+    def counting(texts):
+        calls.append(len(texts))
+        return original(texts)
+
+    tiny_model.compress_texts = counting
+    try:
+        first = tiny_model.compress(["A fresh text about the Rhine.", "Another about the Oder."])
+        second = tiny_model.compress(["A fresh text about the Rhine.", "Another about the Oder."])
+    finally:
+        del tiny_model.compress_texts
+    assert calls == [2]
+    for a, b in zip(first, second, strict=True):
+        assert a.key == b.key and torch.equal(a.vectors, b.vectors)
+
+
+def test_batched_compression_equals_one_by_one(tiny_model):
+    texts = ["Short.", "A somewhat longer text about rivers and the cities on them.", "Mid text."]
+    together = tiny_model.compress_texts(texts)
+    for i, t in enumerate(texts):
+        alone = tiny_model.compress_texts([t])[0]
+        torch.testing.assert_close(together[i], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_questions_with_0_1_and_7_contexts_in_one_batch(tiny_model):
+    memories = tiny_model.compress([f"Document {i} mentions river {i}." for i in range(7)])
+    answers = tiny_model.generate(
+        [QUESTION] * 3, [[], memories[:1], memories], max_new_tokens=5
+    )
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # batching with left padding gives the same greedy answers as one at a time
+    for ctx, batched in zip([[], memories[:1], memories], answers, strict=True):
+        assert tiny_model.generate([QUESTION], [ctx], max_new_tokens=5) == [batched]
+
+
+def test_text_and_memories_mixed_in_one_prompt(tiny_model):
+    (memory,) = tiny_model.compress(["The Elbe flows through Hamburg."])
+    (prompt,) = tiny_model._pisco_prompts([QUESTION], [[memory, "Plain passage text.", memory]])
+    assert prompt.memories == [memory, memory]
+    assert prompt.input_ids.count(tiny_model.mem_token_ids[0]) == 2
+    text = tiny_model.tokenizer.decode(prompt.input_ids)
+    assert "Plain passage text." in text and "Question:" + QUESTION in text
+    assert len(tiny_model.generate([QUESTION], [[memory, "Plain passage text."]])) == 1
+
+
+def test_splicing_writes_each_memory_at_its_slots(tiny_model):
+    memories = tiny_model.compress([f"Doc {i} about lakes." for i in range(3)])
+    prompts = tiny_model._pisco_prompts([QUESTION, QUESTION], [memories, memories[2:]])
+    embeds, mask = tiny_model._embed(prompts)
+    mem_ids = torch.tensor(tiny_model.mem_token_ids)
+    for row, prompt in enumerate(prompts):
+        width = len(prompt.input_ids)
+        ids = torch.tensor(prompt.input_ids)
+        assert mask[row, -width:].all() and not mask[row, :-width].any()
+        slots = torch.nonzero(torch.isin(ids, mem_ids)).flatten() + embeds.shape[1] - width
+        expected = torch.cat([m.vectors for m in prompt.memories])
+        torch.testing.assert_close(embeds[row, slots], expected)
+        others = torch.ones(embeds.shape[1], dtype=torch.bool)
+        others[slots] = False
+        plain = tiny_model.model.get_input_embeddings()(
+            torch.tensor(prompt.input_ids)[~torch.isin(ids, mem_ids)]
+        )
+        torch.testing.assert_close(embeds[row, -width:][~torch.isin(ids, mem_ids)], plain)
+
+
+def test_stream_yields_the_greedy_answer(tiny_model):
+    memories = tiny_model.compress(["The Elbe flows through Hamburg."])
+    pieces = list(tiny_model.stream(QUESTION, memories, max_new_tokens=8))
+    assert pieces and "".join(pieces).strip() == tiny_model.generate(
+        [QUESTION], [memories], max_new_tokens=8
+    )[0]
+
+
+def test_generate_from_text_adapter_choice(tiny_model):
+    docs = [["The Elbe flows through Hamburg."]]
+    with_decoder = tiny_model.generate_from_text([QUESTION], docs, max_new_tokens=6)
+    plain = tiny_model.generate_from_text([QUESTION], docs, max_new_tokens=6, adapter="none")
+    assert len(with_decoder) == len(plain) == 1
+    # the adapter state is restored after a plain-backbone call
+    assert tiny_model.generate_from_text([QUESTION], docs, max_new_tokens=6) == with_decoder
+    assert tiny_model.model.active_adapters() == ["decoder_adapter"]
+
+
+def test_concurrent_calls_do_not_mix_adapters(tiny_model):
+    texts = [f"Thread text {i} about a harbour." for i in range(4)]
+    expected_mem = tiny_model.compress_texts(texts)
+    expected_ans = tiny_model.generate_from_text([QUESTION], [texts[:2]], max_new_tokens=4)
+    results: dict[str, list] = {"mem": [], "ans": []}
+
+    def compress():
+        for _ in range(3):
+            results["mem"].append(tiny_model.compress_texts(texts))
+
+    def answer():
+        for _ in range(3):
+            results["ans"].append(
+                tiny_model.generate_from_text([QUESTION], [texts[:2]], max_new_tokens=4)
+            )
+
+    threads = [threading.Thread(target=f) for f in (compress, answer, compress, answer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results["mem"]) == 6 and len(results["ans"]) == 6
+    for m in results["mem"]:
+        torch.testing.assert_close(m, expected_mem)
+    assert all(a == expected_ans for a in results["ans"])
+
+
+def test_untrained_model_fingerprint_is_deterministic():
+    a = PiscoModel.from_backbone(tiny_backbone("llama")[0], tiny_backbone("llama")[1], seed=3)
+    b = PiscoModel.from_backbone(tiny_backbone("llama")[0], tiny_backbone("llama")[1], seed=3)
+    assert a.fingerprint == b.fingerprint
+    randomize_lora(b, 7)
+    assert a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_compress_generate_and_round_trip(arch, tmp_path):
+    backbone, tok = tiny_backbone(arch)
+    backbone.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    model = PiscoModel.from_backbone(str(tmp_path / "backbone"), device="cpu")
+    randomize_lora(model)
+    memories = model.compress(["The Elbe flows through Hamburg.", LONG_TEXT])
+    answers = model.generate([QUESTION, QUESTION], [memories[:1], memories], max_new_tokens=6)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "adapters.safetensors",
+        "config.json",
+        "embeddings.safetensors",
+    ]
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.fingerprint == model.fingerprint
+    again = loaded.compress(["The Elbe flows through Hamburg.", LONG_TEXT])
+    for a, b in zip(memories, again, strict=True):
+        torch.testing.assert_close(a.vectors, b.vectors)
+    assert loaded.generate([QUESTION, QUESTION], [again[:1], again], max_new_tokens=6) == answers
+
+
+def test_dtype_and_device_arguments():
+    model = tiny_pisco("llama", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    (memory,) = model.compress(["Bfloat text."])
+    assert memory.vectors.dtype == torch.bfloat16
+    assert len(model.generate([QUESTION], [[memory]], max_new_tokens=3)) == 1
