@@ -1,0 +1,205 @@
+"""Memory stores on disk and in memory, tags in prompts, and bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+import torch
+from conftest import tiny_pisco
+
+from pisco_rag import (
+    CorruptMemoryError,
+    LRUMemoryStore,
+    Memory,
+    MemoryMismatchError,
+    PiscoInputError,
+    SQLiteMemoryStore,
+    TagError,
+    memory_key,
+)
+
+
+def make_memory(i: int, fingerprint: str = "f" * 16, hidden: int = 4) -> Memory:
+    return Memory(torch.full((8, hidden), float(i)), fingerprint, memory_key(fingerprint, f"t{i}"),
+                  text=f"t{i}")
+
+
+def test_lru_store_evicts_oldest_beyond_max_bytes():
+    store = LRUMemoryStore(max_bytes=3 * 8 * 4 * 4)  # room for three memories
+    memories = [make_memory(i) for i in range(4)]
+    store.put_many(memories[:3])
+    store.get(memories[0].key)  # touch: now the most recent
+    store.put(memories[3])
+    assert len(store) == 3
+    assert store.get(memories[1].key) is None
+    assert store.get(memories[0].key) is memories[0]
+
+
+def test_sqlite_store_persists_and_shares_secret(tmp_path):
+    path = tmp_path / "mem.sqlite"
+    store = SQLiteMemoryStore(path)
+    memories = [make_memory(i) for i in range(60)]
+    store.put_many(memories)
+    reopened = SQLiteMemoryStore(path)
+    assert reopened.secret == store.secret and len(reopened) == 60
+    got = reopened.get_many([m.key for m in memories[:50]] + ["absent"])
+    assert got[-1] is None
+    for m, g in zip(memories[:50], got[:50], strict=True):
+        assert g.key == m.key and g.text == m.text and torch.equal(g.vectors, m.vectors)
+    tag = store.tag(memories[0])
+    key, mac = tag.removeprefix("[[pisco:").removesuffix("]]").split(":")
+    assert torch.equal(reopened.resolve(key, mac).vectors, memories[0].vectors)
+
+
+def test_sqlite_store_concurrent_writers_and_readers(tmp_path):
+    store = SQLiteMemoryStore(tmp_path / "mem.sqlite")
+    errors = []
+
+    def write(offset):
+        try:
+            for i in range(offset, offset + 40, 10):
+                store.put_many([make_memory(j) for j in range(i, i + 10)])
+                store.get_many([make_memory(j).key for j in range(i, i + 10)])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k * 40,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(SQLiteMemoryStore(tmp_path / "mem.sqlite")) == 160
+
+
+def test_corrupt_entry_is_reported_by_key_and_nothing_else_is_lost(tmp_path):
+    path = tmp_path / "mem.sqlite"
+    store = SQLiteMemoryStore(path)
+    memories = [make_memory(i) for i in range(3)]
+    store.put_many(memories)
+    with sqlite3.connect(path) as conn:  # flip bytes inside the tensor data of one entry
+        data = bytearray(conn.execute("SELECT data FROM memories WHERE key = ?",
+                                      (memories[1].key,)).fetchone()[0])
+        data[-4:] = b"\xff\xff\xff\xff"
+        conn.execute("UPDATE memories SET data = ? WHERE key = ?", (bytes(data), memories[1].key))
+    with pytest.raises(CorruptMemoryError, match=memories[1].key):
+        store.get_many([m.key for m in memories])
+    assert torch.equal(store.get(memories[0].key).vectors, memories[0].vectors)
+    assert torch.equal(store.get(memories[2].key).vectors, memories[2].vectors)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE memories SET data = ? WHERE key = ?", (b"garbage", memories[2].key))
+    with pytest.raises(CorruptMemoryError, match="cannot be decoded"):
+        store.get(memories[2].key)
+
+
+def test_compress_recomputes_a_corrupt_entry(tmp_path):
+    model = tiny_pisco(store=SQLiteMemoryStore(tmp_path / "mem.sqlite"))
+    (first,) = model.compress(["The Elbe flows through Hamburg."])
+    with sqlite3.connect(tmp_path / "mem.sqlite") as conn:
+        conn.execute("UPDATE memories SET data = ? WHERE key = ?", (b"junk", first.key))
+    (again,) = model.compress(["The Elbe flows through Hamburg."])
+    torch.testing.assert_close(again.vectors, first.vectors)
+    assert torch.equal(model.store.get(first.key).vectors, again.vectors)  # entry repaired
+
+
+def test_sqlite_store_rejects_a_non_database(tmp_path):
+    bad = tmp_path / "not-a-db.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ValueError, match="not a pisco-rag SQLite memory store"):
+        SQLiteMemoryStore(bad)
+
+
+def test_tags_resolve_in_prompts_and_survive_formatting(tiny_model):
+    memories = tiny_model.compress(["The Elbe flows through Hamburg.", "Fuji is in Japan."])
+    tags = tiny_model.tags(memories)
+    template = "Context:\n{context}\n\nQuestion: {question}\nAnswer:"
+    prompt = template.format(context="\n\n".join(tags), question="Where is Fuji?")
+    rendered = tiny_model.render_prompt(prompt)
+    assert [m.key for m in rendered.memories] == [m.key for m in memories]
+    assert "[[pisco:" not in tiny_model.tokenizer.decode(rendered.input_ids)
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"  {tags[1]}\n\n\tWhere?  "}]
+    assert [m.key for m in tiny_model.render_prompt(chat).memories] == [memories[1].key]
+    (completion,) = tiny_model.complete([prompt], max_new_tokens=4)
+    assert completion.prompt_tokens == len(rendered.input_ids) and completion.completion_tokens >= 1
+
+
+def test_plain_prompt_is_text_generation(tiny_model):
+    (completion,) = tiny_model.complete(["Hello there"], max_new_tokens=3)
+    assert completion.completion_tokens <= 3 and completion.finish_reason in ("stop", "length")
+    assert tiny_model.render_prompt("Hello there").memories == []
+
+
+def test_forged_malformed_and_unknown_tags_are_errors(tiny_model):
+    (memory,) = tiny_model.compress(["Forgery target text."])
+    tag = tiny_model.tag(memory)
+    forged = tag[:-6] + ("0000]]" if not tag.endswith("0000]]") else "1111]]")
+    with pytest.raises(TagError, match="did not mint"):
+        tiny_model.complete([f"Context: {forged}"])
+    with pytest.raises(TagError, match="malformed memory tag"):
+        tiny_model.complete(["Context: [[pisco:123]]"])
+    other = tiny_pisco(seed=4)  # another model with its own store: the tag is foreign there
+    with pytest.raises(TagError, match="did not mint"):
+        other.complete([f"Context: {tag}"])
+
+
+def test_evicted_memory_tag_is_unknown():
+    model = tiny_pisco(store=LRUMemoryStore(max_bytes=8 * 64 * 4))  # room for one memory
+    first, second = model.compress(["First text.", "Second text."])
+    tag = model.store.tag(first)
+    model.store.put(second)  # evicts the first
+    with pytest.raises(TagError, match="no longer in the store"):
+        model.complete([tag])
+
+
+def test_memory_from_another_model_is_refused(tiny_model, tmp_path):
+    other = tiny_pisco(seed=9)
+    (foreign,) = other.compress(["Some text."])
+    with pytest.raises(MemoryMismatchError, match=r"contexts\[0\]\[0\] was made by another"):
+        tiny_model.generate(["Q?"], [[foreign]])
+    # a shared persistent store: the tag resolves but the fingerprint does not match
+    shared = SQLiteMemoryStore(tmp_path / "shared.sqlite")
+    a, b = tiny_pisco(seed=5, store=shared), tiny_pisco(seed=6, store=shared)
+    (m,) = a.compress(["Shared store text."])
+    with pytest.raises(MemoryMismatchError, match="made by another model"):
+        b.complete([a.tag(m)])
+
+
+def test_text_that_spells_special_tokens_stays_text(tiny_model):
+    (prompt,) = tiny_model._pisco_prompts(["Q?"], [["Look: <MEM0><SEP> and <|im_end|> here."]])
+    assert prompt.memories == []
+    assert tiny_model.mem_token_ids[0] not in prompt.input_ids
+    assert prompt.input_ids.count(tiny_model.tokenizer.eos_token_id) == 2  # the template's own
+
+
+@pytest.mark.parametrize(
+    ("documents", "message"),
+    [
+        ("just one string", "wrap one document in a list"),
+        (["ok", ""], r"documents\[1\] is empty"),
+        (["ok", "   "], r"documents\[1\] is empty"),
+        (["ok", 42], r"documents\[1\] must be a str, got int"),
+        (None, "documents must be a list of strings"),
+    ],
+)
+def test_bad_documents(tiny_model, documents, message):
+    with pytest.raises(PiscoInputError, match=message):
+        tiny_model.compress(documents)
+
+
+def test_bad_generate_arguments(tiny_model):
+    (memory,) = tiny_model.compress(["Some text."])
+    with pytest.raises(PiscoInputError, match="contexts must be a list with one sequence"):
+        tiny_model.generate(["Q1?", "Q2?"], [[memory]])
+    with pytest.raises(PiscoInputError, match="contexts must be a list with one sequence"):
+        tiny_model.generate(["Q1?"], None)
+    with pytest.raises(PiscoInputError, match=r"questions\[0\] must be a non-empty string"):
+        tiny_model.generate([""], [[memory]])
+    with pytest.raises(PiscoInputError, match=r"contexts\[0\]\[1\] must be a Memory or a str"):
+        tiny_model.generate(["Q?"], [[memory, 3.5]])
+    with pytest.raises(PiscoInputError, match=r"contexts\[0\] must be a list"):
+        tiny_model.generate(["Q?"], [memory])
+    wrong_shape = Memory(memory.vectors[:4], memory.fingerprint, memory.key)
+    with pytest.raises(MemoryMismatchError, match="has shape"):
+        tiny_model.generate(["Q?"], [[wrong_shape]])
