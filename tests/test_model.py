@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, LONG_TEXT, tiny_backbone, tiny_pisco, randomize_lora
+from conftest import ARCHITECTURES, LONG_TEXT, randomize_lora, tiny_backbone, tiny_pisco
 
 from pisco_rag import DocumentTooLongError, PiscoModel
 from pisco_rag.chunking import count_tokens
@@ -71,9 +71,7 @@ def test_batched_compression_equals_one_by_one(tiny_model):
 
 def test_questions_with_0_1_and_7_contexts_in_one_batch(tiny_model):
     memories = tiny_model.compress([f"Document {i} mentions river {i}." for i in range(7)])
-    answers = tiny_model.generate(
-        [QUESTION] * 3, [[], memories[:1], memories], max_new_tokens=5
-    )
+    answers = tiny_model.generate([QUESTION] * 3, [[], memories[:1], memories], max_new_tokens=5)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     # batching with left padding gives the same greedy answers as one at a time
     for ctx, batched in zip([[], memories[:1], memories], answers, strict=True):
@@ -113,9 +111,11 @@ def test_splicing_writes_each_memory_at_its_slots(tiny_model):
 def test_stream_yields_the_greedy_answer(tiny_model):
     memories = tiny_model.compress(["The Elbe flows through Hamburg."])
     pieces = list(tiny_model.stream(QUESTION, memories, max_new_tokens=8))
-    assert pieces and "".join(pieces).strip() == tiny_model.generate(
-        [QUESTION], [memories], max_new_tokens=8
-    )[0]
+    assert (
+        pieces
+        and "".join(pieces).strip()
+        == tiny_model.generate([QUESTION], [memories], max_new_tokens=8)[0]
+    )
 
 
 def test_generate_from_text_adapter_choice(tiny_model):

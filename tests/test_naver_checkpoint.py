@@ -54,16 +54,27 @@ def build_naver_checkpoint(root):
         ckpt / "adapters.pth",
     )
     first_last = {
-        k: v for k, v in base.state_dict().items()
+        k: v
+        for k, v in base.state_dict().items()
         if "embed_tokens.weight" in k or "lm_head.weight" in k
     }
     torch.save(first_last, ckpt / "decoder_first_last_layers.pth")
     config = {
-        "model_type": "COCOM", "decoder_model_name": str(root / "base"), "doc_max_length": 128,
-        "compr_rate": 16, "sep": True, "lora": True, "lora_r": 16,
-        "training_form": "both_separately", "different_mem_tokens": True,
-        "optimize_mem_tokens": True, "compr_model_name": None, "lora_compressor": False,
-        "quantization": "no", "attn_implementation": None, "device_map": None,
+        "model_type": "COCOM",
+        "decoder_model_name": str(root / "base"),
+        "doc_max_length": 128,
+        "compr_rate": 16,
+        "sep": True,
+        "lora": True,
+        "lora_r": 16,
+        "training_form": "both_separately",
+        "different_mem_tokens": True,
+        "optimize_mem_tokens": True,
+        "compr_model_name": None,
+        "lora_compressor": False,
+        "quantization": "no",
+        "attn_implementation": None,
+        "device_map": None,
     }
     (ckpt / "config.json").write_text(json.dumps(config))
     return base, tok
@@ -73,8 +84,14 @@ def build_naver_checkpoint(root):
 def reference_memories(base, tok, docs):
     base.set_adapter("encoder_adapter")
     texts = ["<ENC>" + tok.bos_token + d + tok.eos_token for d in docs]
-    enc = tok(texts, return_tensors="pt", padding="longest", truncation=True, max_length=131,
-              add_special_tokens=False)
+    enc = tok(
+        texts,
+        return_tensors="pt",
+        padding="longest",
+        truncation=True,
+        max_length=131,
+        add_special_tokens=False,
+    )
     mem_ids = torch.tensor(tok.convert_tokens_to_ids([f"<MEM{i}>" for i in range(8)]))
     ids = torch.cat([enc.input_ids, mem_ids.expand(len(docs), -1)], dim=1)
     mask = torch.cat([enc.attention_mask, torch.ones(len(docs), 8, dtype=torch.long)], dim=1)
@@ -89,7 +106,8 @@ def reference_answer(base, tok, memories, question, max_new_tokens=8):
     user = f"Background:\n{slots * len(memories)}\n\nQuestion:{question}"
     prompt = tok.apply_chat_template(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     embeds = base.get_input_embeddings()(ids)
@@ -98,9 +116,13 @@ def reference_answer(base, tok, memories, question, max_new_tokens=8):
     flat = torch.cat(list(memories))
     for n, pos in enumerate(positions):  # the plain loop the library vectorises
         embeds[0, pos] = flat[n]
-    out = base.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_new_tokens, do_sample=False,
-                        pad_token_id=tok.pad_token_id)
+    out = base.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     return tok.decode(out[0], skip_special_tokens=True).strip()
 
 
@@ -137,8 +159,14 @@ def test_wrong_backbone_is_reported(tmp_path):
     build_naver_checkpoint(tmp_path)
     _, tok = tiny_backbone("llama")
     other = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
     other.save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")

@@ -22,8 +22,12 @@ from pisco_rag import (
 
 
 def make_memory(i: int, fingerprint: str = "f" * 16, hidden: int = 4) -> Memory:
-    return Memory(torch.full((8, hidden), float(i)), fingerprint, memory_key(fingerprint, f"t{i}"),
-                  text=f"t{i}")
+    return Memory(
+        torch.full((8, hidden), float(i)),
+        fingerprint,
+        memory_key(fingerprint, f"t{i}"),
+        text=f"t{i}",
+    )
 
 
 def test_lru_store_evicts_oldest_beyond_max_bytes():
@@ -79,8 +83,11 @@ def test_corrupt_entry_is_reported_by_key_and_nothing_else_is_lost(tmp_path):
     memories = [make_memory(i) for i in range(3)]
     store.put_many(memories)
     with sqlite3.connect(path) as conn:  # flip bytes inside the tensor data of one entry
-        data = bytearray(conn.execute("SELECT data FROM memories WHERE key = ?",
-                                      (memories[1].key,)).fetchone()[0])
+        data = bytearray(
+            conn.execute("SELECT data FROM memories WHERE key = ?", (memories[1].key,)).fetchone()[
+                0
+            ]
+        )
         data[-4:] = b"\xff\xff\xff\xff"
         conn.execute("UPDATE memories SET data = ? WHERE key = ?", (bytes(data), memories[1].key))
     with pytest.raises(CorruptMemoryError, match=memories[1].key):
@@ -118,8 +125,10 @@ def test_tags_resolve_in_prompts_and_survive_formatting(tiny_model):
     rendered = tiny_model.render_prompt(prompt)
     assert [m.key for m in rendered.memories] == [m.key for m in memories]
     assert "[[pisco:" not in tiny_model.tokenizer.decode(rendered.input_ids)
-    chat = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"  {tags[1]}\n\n\tWhere?  "}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"  {tags[1]}\n\n\tWhere?  "},
+    ]
     assert [m.key for m in tiny_model.render_prompt(chat).memories] == [memories[1].key]
     (completion,) = tiny_model.complete([prompt], max_new_tokens=4)
     assert completion.prompt_tokens == len(rendered.input_ids) and completion.completion_tokens >= 1

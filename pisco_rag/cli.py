@@ -1,0 +1,142 @@
+"""The ``pisco-rag`` command: ask a folder a question, precompute memories, show model info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+from .defaults import UNTRAINED_NOTICE
+
+
+def _load_model(args: argparse.Namespace):
+    from .model import PiscoModel
+    from .stores import SQLiteMemoryStore
+
+    store = SQLiteMemoryStore(args.store) if getattr(args, "store", None) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained notice is printed below, once
+        model = PiscoModel.from_pretrained(
+            args.model, device=args.device, store=store, backbone=args.backbone
+        )
+    if not model.config.trained:
+        print(f"NOTE: {UNTRAINED_NOTICE}\n", file=sys.stderr)
+    return model
+
+
+def _chunks(model, folder: str):
+    from .documents import Chunk, read_folder
+
+    files = read_folder(folder)
+    return [
+        Chunk(path, i, c) for path, text in files.items() for i, c in enumerate(model.chunk(text))
+    ]
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .documents import DenseRetriever
+
+    model = _load_model(args)
+    chunks = _chunks(model, args.folder)
+    retriever = DenseRetriever(device="cpu")
+    retriever.add(chunks, show_progress=len(chunks) > 64)
+    hits = retriever.search(args.question, args.top_k)
+    texts = [c.text for c, _ in hits]
+    if args.text:
+        answer = model.generate_from_text(
+            [args.question], [texts], max_new_tokens=args.max_new_tokens
+        )[0]
+    else:
+        memories = model.compress(texts, show_progress=len(texts) > 16)
+        answer = model.generate([args.question], [memories], max_new_tokens=args.max_new_tokens)[0]
+    mode = "text" if args.text else f"{len(texts)} compressed chunks"
+    print(f"Answer ({mode}): {answer}\n\nSources:")
+    for rank, (chunk, score) in enumerate(hits, 1):
+        snippet = " ".join(chunk.text.split())[:100]
+        print(f"  {rank}. {chunk.source} [chunk {chunk.index}] score={score:.3f}  {snippet}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    chunks = _chunks(model, args.folder)
+    before = len(model.store)
+    model.compress(
+        [c.text for c in chunks], show_progress=not args.quiet, batch_size=args.batch_size
+    )
+    added = len(model.store) - before
+    print(
+        f"{len(chunks)} chunks from {args.folder}: {added} compressed, "
+        f"{len(chunks) - added} already stored; store {args.store} holds {len(model.store)}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    print(json.dumps(model.info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pisco-rag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            default="embedded",
+            help="checkpoint directory, hub id, or 'embedded' (default)",
+        )
+        p.add_argument("--backbone", default=None, help="override the checkpoint's base model")
+        p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+    ask = sub.add_parser("ask", help="answer a question over a folder of .txt/.md files")
+    ask.add_argument("folder")
+    ask.add_argument("question")
+    ask.add_argument("--top-k", type=int, default=5, help="chunks retrieved (default 5)")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--store", default=None, help="SQLite memory store to read and fill")
+    ask.add_argument(
+        "--text",
+        action="store_true",
+        help="read the retrieved chunks as text (uncompressed baseline)",
+    )
+    model_args(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    comp = sub.add_parser("compress", help="precompute a folder's memories into a store")
+    comp.add_argument("folder")
+    comp.add_argument("--store", required=True, help="SQLite memory store file")
+    comp.add_argument("--batch-size", type=int, default=16)
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_args(comp)
+    comp.set_defaults(func=cmd_compress)
+
+    info = sub.add_parser("info", help="model, fingerprint, device and dtype")
+    model_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .errors import PiscoError
+
+        if isinstance(e, PiscoError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Integration tests on the real SmolLM2-135M-Instruct embedded default."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from pisco_rag import PiscoModel, SQLiteMemoryStore
+from pisco_rag.chunking import count_tokens
+from pisco_rag.cli import main
+
+pytestmark = pytest.mark.integration
+
+PARIS = "Paris is the capital and largest city of France, on the river Seine."
+
+
+def test_embedded_default_says_it_is_untrained(smollm):
+    assert smollm.config.trained is False
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        from pisco_rag.defaults import load_embedded
+
+        warnings.simplefilter("always")
+        load_embedded(device="cpu")
+
+
+def test_128_token_chunk_gives_8_by_576_memory(smollm):
+    words = " ".join(f"word{i}" for i in range(200))
+    chunk = smollm.chunk(words)[0]
+    assert count_tokens(smollm.tokenizer, chunk) <= 128
+    memories = smollm.compress([chunk])
+    assert len(memories) == 1 and tuple(memories[0].vectors.shape) == (8, 576)
+
+
+def test_batch_with_0_1_and_7_contexts(smollm):
+    memories = smollm.compress([f"Fact {i}: the tower has {i} floors." for i in range(7)])
+    answers = smollm.generate(
+        ["How many floors?"] * 3, [[], memories[:1], memories], max_new_tokens=8
+    )
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_text_baseline_reads_the_passage(smollm):
+    (answer,) = smollm.generate_from_text(
+        ["What is the capital of France?"], [[PARIS]], max_new_tokens=16
+    )
+    assert "Paris" in answer
+
+
+def test_prompt_level_generation_and_streaming(smollm):
+    memories = smollm.compress([PARIS])
+    prompt = f"Context: {smollm.tag(memories[0])}\nWhat is the capital of France?"
+    (completion,) = smollm.complete([prompt], max_new_tokens=6)
+    assert 1 <= completion.completion_tokens <= 6
+    pieces = list(smollm.stream_complete("Say the word hello.", max_new_tokens=6))
+    assert (
+        "".join(pieces).strip()
+        == smollm.complete(["Say the word hello."], max_new_tokens=6)[0].text
+    )
+
+
+def test_cli_ask_compress_and_info(tmp_path, capsys):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "paris.txt").write_text(PARIS)
+    (folder / "long.md").write_text(" ".join(f"Line {i} of a long note." for i in range(80)))
+    (folder / "empty.txt").write_text("   ")
+    store = tmp_path / "store.sqlite"
+
+    assert main(["compress", str(folder), "--store", str(store), "--quiet"]) == 0
+    first = capsys.readouterr()
+    assert "already stored" in first.out and "UNTRAINED" in first.err
+    n = len(SQLiteMemoryStore(store))
+    assert n >= 3  # paris + the long note in several chunks; the empty file is skipped
+    assert main(["compress", str(folder), "--store", str(store), "--quiet"]) == 0
+    assert f"0 compressed, {n} already stored" in capsys.readouterr().out
+
+    assert (
+        main(
+            [
+                "ask",
+                str(folder),
+                "What is the capital of France?",
+                "--text",
+                "--top-k",
+                "1",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Paris" in out.split("Sources:")[0] and "paris.txt" in out
+
+    assert (
+        main(
+            [
+                "ask",
+                str(folder),
+                "What is the capital of France?",
+                "--store",
+                str(store),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert "Answer (" in capsys.readouterr().out
+    assert len(SQLiteMemoryStore(store)) == n  # asked from stored memories only
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (
+        info["memory_shape"] == [8, 576]
+        and info["fingerprint"] == PiscoModel.from_pretrained("embedded", device="cpu").fingerprint
+    )
+
+
+def test_cli_reports_a_missing_folder(tmp_path, capsys):
+    assert main(["ask", str(tmp_path / "nope"), "Q?"]) == 2
+    assert "does not exist" in capsys.readouterr().err
