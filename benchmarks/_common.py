@@ -1,0 +1,53 @@
+"""Shared helpers of the benchmark scripts: model loading and the environment record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment() -> dict:
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def load_model(tiny: bool, device: str | None):
+    """The embedded SmolLM2 default, or (``tiny``) a 2-layer random model for smoke tests."""
+    from pisco_rag import PiscoModel
+
+    if tiny:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from pisco_rag.defaults import embedded_backbone_dir
+
+        tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        return PiscoModel.from_backbone(LlamaForCausalLM(cfg), tok, device=device or "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PiscoModel.from_pretrained("embedded", device=device)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")

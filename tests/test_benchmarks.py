@@ -1,0 +1,24 @@
+"""Smoke tests: each benchmark script runs on a tiny model and writes its JSON (no timings
+are asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_splice_overhead_script_runs(tmp_path):
+    out = tmp_path / "splice.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/splice_overhead.py", "--tiny", "--repeats", "1", "--k", "3",
+         "--new-tokens", "4", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["k_memories"] == 3 and result["new_tokens"] == 4
+    assert set(result["median_seconds"]) == {"from_memories", "plain_prompt"}
+    assert result["environment"]["command"].endswith(f"--out {out}")
