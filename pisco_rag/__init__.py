@@ -12,7 +12,7 @@ from .errors import (
     TagError,
 )
 from .memory import Memory, memory_key
-from .model import Completion, PiscoModel
+from .model import Completion, PiscoModel, RankedDocument
 from .stores import LRUMemoryStore, MemoryStore, SQLiteMemoryStore
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "PiscoError",
     "PiscoInputError",
     "PiscoModel",
+    "RankedDocument",
     "RerankingUnavailableError",
     "SQLiteMemoryStore",
     "TagError",

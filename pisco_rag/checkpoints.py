@@ -100,6 +100,29 @@ def read_naver(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     return cfg, first_last, adapters
 
 
+def read_naver_compressor(directory: Path, *, lora: bool, mlp: bool) -> tuple[Any, Any, Any, Any]:
+    """(full state dict, connector MLP, first layer, LoRA adapter) of naver's ``compressor/``;
+    the ones the configuration does not use are None."""
+    sub = directory / "compressor"
+    names = ["mlp.pth"] if mlp else []
+    names += ["first_layer.pth", "compressor_adapters.pth"] if lora else ["compressor.pth"]
+    require_files(sub, names, what="naver OSCAR compressor")
+    full = None if lora else _torch_load(sub / "compressor.pth")
+    first = _torch_load(sub / "first_layer.pth") if lora else None
+    adapter = _torch_load(sub / "compressor_adapters.pth") if lora else None
+    return full, _torch_load(sub / "mlp.pth") if mlp else None, first, adapter
+
+
+def read_native_compressor(directory: Path, is_oscar: bool) -> dict[str, torch.Tensor] | None:
+    if not is_oscar:
+        return None
+    require_files(directory, ["compressor.safetensors"], what="pisco-rag OSCAR checkpoint")
+    try:
+        return load_file(directory / "compressor.safetensors")
+    except Exception as e:
+        raise CheckpointError(f"cannot read {directory}/compressor.safetensors: {e}") from None
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -114,8 +137,15 @@ def save_native(
     config: dict[str, Any],
     adapters: dict[str, dict[str, torch.Tensor]],
     embeddings: dict[str, torch.Tensor],
+    compressor: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    if compressor is not None:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in compressor.items()},
+            directory / "compressor.safetensors",
+            metadata={"format": "pt"},
+        )
     flat = {
         f"{name}.{key}": t.detach().contiguous().cpu()
         for name, sd in adapters.items()
@@ -155,8 +185,16 @@ def load_backbone(
         from .defaults import embedded_backbone_dir
 
         source: str | Path = embedded_backbone_dir(name.removeprefix("embedded:"))
+    elif Path(name).expanduser().is_dir():
+        source = Path(name).expanduser()
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        source = name  # a hub id
     else:
-        source = Path(name).expanduser() if Path(name).expanduser().is_dir() else name
+        raise CheckpointError(
+            f"backbone {name!r} is neither a local directory nor a hub id 'owner/name'. A model "
+            "built from a model instance names no loadable backbone: save the backbone "
+            "(save_pretrained) and pass backbone=DIR."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(

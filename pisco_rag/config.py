@@ -26,7 +26,14 @@ class PiscoConfig:
     """
 
     backbone: str
-    compressor: str = "pisco"
+    compressor: Literal["pisco", "first-layers", "model"] = "pisco"
+    compressor_layers: int | None = None  # first-layers: N
+    compressor_model: str | None = None  # model: the separate small causal LM (name or path)
+    compressor_rms_norm: bool = False  # first-layers: keep the backbone's final norm
+    connector_hidden: int | None = None  # Linear-ReLU-Linear connector width (None: no connector)
+    compressor_padding_side: str | None = "left"  # None: the compressor tokenizer's own default
+    compressor_lora_r: int | None = None  # naver checkpoints whose compressor is LoRA-tuned
+    rerank_head: bool = False
     compression_rate: int = 16
     doc_max_length: int = 128
     lora_r: int = 16
@@ -40,11 +47,16 @@ class PiscoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.compressor != "pisco":
-            raise CheckpointError(
-                f"compressor kind {self.compressor!r} is not supported yet; only 'pisco' "
-                "(backbone + encoder_adapter) is. OSCAR compressors are tracked separately."
+        if self.compressor not in ("pisco", "first-layers", "model"):
+            raise ValueError(
+                f"compressor must be 'pisco', 'first-layers' or 'model', not {self.compressor!r}"
             )
+        if self.compressor == "first-layers" and not self.compressor_layers:
+            raise ValueError("a first-layers compressor needs compressor_layers (N)")
+        if self.compressor == "model" and not self.compressor_model:
+            raise ValueError("a 'model' compressor needs compressor_model (a name or path)")
+        if self.compressor == "pisco" and self.rerank_head:
+            raise ValueError("a reranking head needs an OSCAR compressor (first-layers or model)")
         if self.doc_max_length % self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be a multiple of "
@@ -55,6 +67,11 @@ class PiscoConfig:
                 f"long_documents must be 'chunk', 'truncate' or 'error', "
                 f"not {self.long_documents!r}"
             )
+
+    @property
+    def is_oscar(self) -> bool:
+        """Query-dependent compression with its own compressor (OSCAR), not the backbone."""
+        return self.compressor != "pisco"
 
     @property
     def n_mem_tokens(self) -> int:
@@ -83,29 +100,49 @@ class PiscoConfig:
 
     @classmethod
     def from_naver(cls, data: dict[str, Any], *, name: str | None = None) -> PiscoConfig:
-        """Map a naver COCOM ``config.json`` (PISCO variants) onto a native configuration."""
+        """Map a naver COCOM ``config.json`` (PISCO and OSCAR variants) onto a native one."""
         if data.get("model_type") != "COCOM":
             raise CheckpointError(
                 f"not a naver COCOM config (model_type={data.get('model_type')!r})"
             )
-        if data.get("compr_model_name") is not None:
-            raise CheckpointError(
-                f"{name or 'this checkpoint'} is an OSCAR checkpoint (compr_model_name="
-                f"{data['compr_model_name']!r}); only PISCO checkpoints load in this version."
-            )
-        if not data.get("lora", True) or data.get("training_form", "both_separately") != (
-            "both_separately"
+        compr = data.get("compr_model_name")
+        expected_form = "both_separately" if compr is None else None
+        if not data.get("lora", True) or (
+            expected_form and data.get("training_form", expected_form) != expected_form
         ):
             raise CheckpointError(
-                "only naver checkpoints with lora=true and training_form='both_separately' "
-                f"are supported (got lora={data.get('lora')!r}, "
-                f"training_form={data.get('training_form')!r})"
+                "only naver checkpoints with a LoRA decoder (lora=true; training_form="
+                "'both_separately' for PISCO) are supported (got lora="
+                f"{data.get('lora')!r}, training_form={data.get('training_form')!r})"
             )
         if not data.get("different_mem_tokens", True):
             raise CheckpointError(
                 "naver checkpoints with different_mem_tokens=false are not supported"
             )
+        if data.get("compr_every_n_layer"):
+            raise CheckpointError(
+                "naver compressors built from every n-th layer (compr_every_n_layer) are not "
+                "supported; first-N-layers and separate-model compressors are"
+            )
         lora_r = int(data.get("lora_r", 16))
+        oscar: dict[str, Any] = {}
+        if compr == "mistral_trimmed":
+            oscar = dict(
+                compressor="first-layers",
+                compressor_layers=int(data["compr_n_layers"]),
+                compressor_rms_norm=bool(data.get("compr_rms_norm", False)),
+                compressor_padding_side=None,
+                compressor_model=data.get("compr_base_model_name"),
+            )
+        elif compr is not None:
+            oscar = dict(compressor="model", compressor_model=compr)
+        if compr is not None:
+            use_mlp = data.get("compr_use_mlp", True)
+            oscar["connector_hidden"] = (
+                int(data.get("compr_mlp_hidden_dim", 8096)) if use_mlp else None
+            )
+            if data.get("lora_compressor"):
+                oscar["compressor_lora_r"] = int(data.get("lora_r_compressor") or lora_r)
         return cls(
             backbone=data["decoder_model_name"],
             compression_rate=int(data.get("compr_rate", 16)),
@@ -115,4 +152,5 @@ class PiscoConfig:
             trained=True,
             name=name,
             extra={"source_format": "naver-cocom"},
+            **oscar,
         )

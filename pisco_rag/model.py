@@ -24,12 +24,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from . import checkpoints
 from .chunking import chunk_text, count_tokens
+from .compressors import (
+    QueryCompressor,
+    build_compressor,
+    naver_compressor_weights,
+    strip_adapter_prefix,
+)
 from .config import LongDocumentPolicy, PiscoConfig
 from .errors import (
     CheckpointError,
     DocumentTooLongError,
     MemoryMismatchError,
     PiscoInputError,
+    RerankingUnavailableError,
 )
 from .memory import Memory, memory_key
 from .prompting import ChatTurn, PromptRenderer, RenderedPrompt, Segment, check_segment, split_tags
@@ -39,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 ENCODER, DECODER = "encoder_adapter", "decoder_adapter"
 Messages = str | Sequence[dict[str, Any]]
+
+
+@dataclass
+class RankedDocument:
+    """One reranked document: its index in the input, its score, and its memories."""
+
+    index: int
+    score: float
+    memories: list[Memory]
 
 
 @dataclass
@@ -60,8 +76,10 @@ def default_device() -> torch.device:
 
 
 class PiscoModel:
-    """A PISCO compressor + decoder on one backbone. Build it with :meth:`from_pretrained`
-    (native or naver checkpoints, or ``"embedded"``) or :meth:`from_backbone` (new, untrained)."""
+    """A compressor + decoder on one backbone: PISCO (the backbone with ``encoder_adapter``
+    compresses) or OSCAR (a small query-dependent compressor, optionally with a reranking
+    head). Build it with :meth:`from_pretrained` (native or naver checkpoints, or
+    ``"embedded"``) or :meth:`from_backbone` (new, untrained)."""
 
     def __init__(
         self,
@@ -69,11 +87,13 @@ class PiscoModel:
         tokenizer: PreTrainedTokenizerBase,
         config: PiscoConfig,
         *,
+        compressor: QueryCompressor | None = None,
         store: MemoryStore | None = None,
     ) -> None:
-        """Wrap a backbone that already has the special tokens and both adapters; use the
-        class methods rather than calling this directly."""
+        """Wrap a backbone that already has the special tokens and adapters (and the OSCAR
+        compressor, if any); use the class methods rather than calling this directly."""
         self.model = model
+        self.compressor = compressor
         self.tokenizer = tokenizer
         self.config = config
         self.store: MemoryStore = store if store is not None else LRUMemoryStore()
@@ -96,16 +116,23 @@ class PiscoModel:
         lora_alpha: int | None = None,
         lora_dropout: float = 0.1,
         long_documents: LongDocumentPolicy = "chunk",
+        compressor: str = "pisco",
+        rerank_head: bool = False,
+        connector_hidden: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
         store: MemoryStore | None = None,
         local_files_only: bool = False,
     ) -> PiscoModel:
-        """A new, untrained PISCO model on any transformers causal LM (name, path or instance).
+        """A new, untrained model on any transformers causal LM (name, path or instance).
 
-        The LoRA ``B`` matrices start at zero, so the decoder first behaves like the backbone;
-        the memory-token embeddings and ``A`` matrices are drawn with ``seed``.
+        ``compressor``: ``"pisco"`` (the backbone with an encoder adapter), ``"first-layers:N"``
+        (OSCAR: a copy of the backbone's first N layers) or the name/path of a separate small
+        causal LM (OSCAR, with a Linear-ReLU-Linear connector of width ``connector_hidden``,
+        default 4x the decoder's hidden size). ``rerank_head`` adds the reranking token and
+        head (OSCAR only). The LoRA ``B`` matrices start at zero, so the decoder first behaves
+        like the backbone; other new weights are drawn with ``seed``.
         """
         if isinstance(backbone, PreTrainedModel):
             if tokenizer is None:
@@ -125,12 +152,19 @@ class PiscoModel:
             lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_r,
             lora_dropout=lora_dropout,
             long_documents=long_documents,
+            rerank_head=rerank_head,
+            **_compressor_fields(compressor, connector_hidden, int(model.config.hidden_size)),
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            query_compressor = (
+                build_compressor(config, model, tokenizer, local_files_only=local_files_only)
+                if config.is_oscar
+                else None
+            )
             _prepare_backbone(model, tokenizer, config)
             _add_adapters(model, config, {})
-        return cls._finish(model, tokenizer, config, device, dtype, store)
+        return cls._finish(model, tokenizer, config, query_compressor, device, dtype, store)
 
     @classmethod
     def from_pretrained(
@@ -143,8 +177,8 @@ class PiscoModel:
         store: MemoryStore | None = None,
         local_files_only: bool = False,
     ) -> PiscoModel:
-        """Load a native pisco-rag checkpoint, a naver COCOM (PISCO) checkpoint, or the
-        embedded offline default (``"embedded"``), from a local directory or a hub id.
+        """Load a native pisco-rag checkpoint, a naver COCOM checkpoint (PISCO or OSCAR), or
+        the embedded offline default (``"embedded"``), from a local directory or a hub id.
 
         ``backbone`` overrides the base model the checkpoint names (e.g. a local copy of
         ``mistralai/Mistral-7B-Instruct-v0.2`` on a machine without network).
@@ -155,18 +189,44 @@ class PiscoModel:
             return load_embedded(device=device, dtype=dtype, store=store)
         directory = checkpoints.resolve_checkpoint(name_or_path, local_files_only=local_files_only)
         kind = checkpoints.checkpoint_kind(directory)
+        lora_weights = compressor_weights = None
         if kind == "naver":
             raw, first_last, adapters = checkpoints.read_naver(directory)
             config = PiscoConfig.from_naver(raw, name=str(name_or_path))
+            if config.is_oscar:
+                full, mlp, first_layer, lora_weights = checkpoints.read_naver_compressor(
+                    directory,
+                    lora=config.compressor_lora_r is not None,
+                    mlp=config.connector_hidden is not None,
+                )
+                compressor_weights = naver_compressor_weights(full, mlp, first_layer)
+                if lora_weights is not None:
+                    lora_weights = strip_adapter_prefix(lora_weights)
         else:
             raw, adapters, embeddings = checkpoints.read_native(directory)
             config = PiscoConfig.from_dict(raw)
+            compressor_weights = checkpoints.read_native_compressor(directory, config.is_oscar)
         if backbone is not None:
+            if config.compressor_model == config.backbone:
+                config.compressor_model = backbone
             config.backbone = backbone
         model, tokenizer = checkpoints.load_backbone(
             config.backbone, dtype=dtype, local_files_only=local_files_only
         )
         base_vocab = len(tokenizer)
+        query_compressor = None
+        if config.is_oscar:
+            try:
+                query_compressor = build_compressor(
+                    config,
+                    model,
+                    tokenizer,
+                    weights=compressor_weights,
+                    lora_weights=lora_weights,
+                    local_files_only=local_files_only,
+                )
+            except ValueError as e:
+                raise CheckpointError(f"{directory}: {e}") from None
         _prepare_backbone(model, tokenizer, config)
         if kind == "naver":
             extra_rows = _load_naver_rows(model, first_last, base_vocab, directory)
@@ -174,28 +234,35 @@ class PiscoModel:
             saved = _load_native_rows(model, embeddings, directory)
             extra_rows = [i for i in saved if i < base_vocab]
         _add_adapters(model, config, adapters)
-        self = cls._finish(model, tokenizer, config, device, dtype, store)
+        self = cls._finish(model, tokenizer, config, query_compressor, device, dtype, store)
         self.extra_embedding_rows = extra_rows
         return self
 
     @classmethod
-    def _finish(cls, model, tokenizer, config, device, dtype, store) -> PiscoModel:
+    def _finish(cls, model, tokenizer, config, compressor, device, dtype, store) -> PiscoModel:
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model.to(device=device, dtype=dtype)
-        model.eval()
-        return cls(model, tokenizer, config, store=store)
+        for module in (model, compressor):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+                module.eval()
+        return cls(model, tokenizer, config, compressor=compressor, store=store)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save in the native format: config.json and safetensors, base weights by reference."""
         with self._lock:
             adapters = {
                 name: _lora_only(self.model.get_adapter_state_dict(name))
-                for name in (ENCODER, DECODER)
+                for name in _adapter_names(self.config)
             }
+        compressor = self.compressor.state_dict() if self.compressor is not None else None
         checkpoints.save_native(
-            Path(path), self.config.to_dict(), adapters, self._changed_embedding_rows()
+            Path(path),
+            self.config.to_dict(),
+            adapters,
+            self._changed_embedding_rows(),
+            compressor,
         )
 
     def _changed_embedding_rows(self) -> dict[str, torch.Tensor]:
@@ -256,7 +323,10 @@ class PiscoModel:
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(b"half" if self.dtype in (torch.float16, torch.bfloat16) else b"full")
         with torch.no_grad():
-            for name, p in sorted(self.model.named_parameters(), key=lambda kv: kv[0]):
+            params = list(self.model.named_parameters())
+            if self.compressor is not None:
+                params += [(f"compressor.{n}", p) for n, p in self.compressor.named_parameters()]
+            for name, p in sorted(params, key=lambda kv: kv[0]):
                 h.update(f"{name}{tuple(p.shape)}".encode())
                 flat = p.detach().reshape(-1)
                 if "lora_" not in name:  # base weights: a strided sample identifies them
@@ -270,7 +340,9 @@ class PiscoModel:
         return {
             "name": self.config.name,
             "backbone": self.config.backbone,
-            "compressor": self.config.compressor,
+            "compressor": self.config.compressor
+            + (f":{self.config.compressor_layers}" if self.config.compressor_layers else ""),
+            "rerank_head": self.config.rerank_head,
             "trained": self.config.trained,
             "fingerprint": self.fingerprint,
             "device": str(self.device),
@@ -290,6 +362,7 @@ class PiscoModel:
         self,
         documents: Sequence[str],
         *,
+        queries: Sequence[str] | None = None,
         batch_size: int = 16,
         show_progress: bool = False,
         long_documents: LongDocumentPolicy | None = None,
@@ -297,12 +370,15 @@ class PiscoModel:
     ) -> list[Memory]:
         """Compress documents into memories, reading and filling :attr:`store`.
 
+        ``queries`` (OSCAR only): one query per document; the memories depend on it, and with
+        a reranking head each memory carries its relevance ``score`` from the same pass.
         A document longer than ``doc_max_length`` tokens is handled by ``long_documents``
         (default: the config's, ``"chunk"``): ``"chunk"`` gives one memory per chunk,
         ``"truncate"`` keeps the first chunk with a warning, ``"error"`` raises. Each memory's
         ``source_index`` names its document, so the result can be longer than ``documents``.
         """
         documents = _check_documents(documents, "documents")
+        queries = self._check_queries(queries, len(documents))
         policy = long_documents or self.config.long_documents
         pieces: list[tuple[int, int, str]] = []  # (document index, chunk index, text)
         for i, doc in enumerate(documents):
@@ -323,22 +399,87 @@ class PiscoModel:
             pieces.extend((i, j, c) for j, c in enumerate(chunks))
 
         fp = self.fingerprint
-        keys = [memory_key(fp, text) for _, _, text in pieces]
+        query_of = (lambda i: queries[i]) if queries is not None else (lambda i: None)
+        keys = [memory_key(fp, text, query_of(i)) for i, _, text in pieces]
         stored = self._lookup(keys) if use_store else [None] * len(keys)
         todo = [n for n, m in enumerate(stored) if m is None]
         bar = tqdm(total=len(todo), desc="compressing", unit="chunk", disable=not show_progress)
         fresh: list[Memory] = []
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            vectors = self.compress_texts([pieces[n][2] for n in batch])
-            for n, v in zip(batch, vectors):
-                fresh.append(Memory(v, fp, keys[n], text=pieces[n][2]))
-                stored[n] = fresh[-1]
+            texts = [pieces[n][2] for n in batch]
+            batch_queries = [query_of(pieces[n][0]) for n in batch] if queries else None
+            vectors, scores = self._compress_batch(texts, batch_queries)
+            for row, n in enumerate(batch):
+                score = float(scores[row]) if scores is not None else None
+                memory = Memory(
+                    vectors[row],
+                    fp,
+                    keys[n],
+                    text=texts[row],
+                    query=query_of(pieces[n][0]),
+                    score=score,
+                )
+                fresh.append(memory)
+                stored[n] = memory
             bar.update(len(batch))
         bar.close()
         if use_store and fresh:
             self.store.put_many(fresh)
         return [m.with_source(i, j) for m, (i, j, _) in zip(stored, pieces)]
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        batch_size: int = 16,
+        show_progress: bool = False,
+    ) -> list[RankedDocument]:
+        """Score documents for ``query`` with the reranking head, best first, with their
+        query-dependent memories from the same forward pass. A chunked document scores as its
+        best chunk. Needs an OSCAR model with a reranking head."""
+        if self.compressor is None or self.compressor.head is None:
+            raise RerankingUnavailableError(
+                f"{self.config.name or 'this model'} has no reranking head (compressor="
+                f"{self.config.compressor!r}); it can still compress. Train one (an OSCAR "
+                "compressor with rerank_head=True) or load a checkpoint that has one."
+            )
+        if not isinstance(query, str) or not query.strip():
+            raise PiscoInputError(f"query must be a non-empty string, got {query!r}")
+        documents = _check_documents(documents, "documents")
+        memories = self.compress(
+            documents,
+            queries=[query] * len(documents),
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+        grouped: dict[int, list[Memory]] = {}
+        for m in memories:
+            grouped.setdefault(m.source_index, []).append(m)
+        ranked = [RankedDocument(i, max(m.score for m in ms), ms) for i, ms in grouped.items()]
+        ranked.sort(key=lambda r: r.score, reverse=True)
+        return ranked[:top_n] if top_n is not None else ranked
+
+    def _check_queries(self, queries: object, n: int) -> list[str] | None:
+        if queries is None:
+            return None
+        if not self.config.is_oscar:
+            raise PiscoInputError(
+                "queries= needs an OSCAR (query-dependent) compressor; this PISCO model "
+                "compresses documents independently of the query: drop queries="
+            )
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise PiscoInputError("queries must be a list of strings, one per document")
+        if len(queries) != n:
+            raise PiscoInputError(
+                f"queries has {len(queries)} entries and documents {n}: give one query per document"
+            )
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise PiscoInputError(f"queries[{i}] must be a non-empty string, got {q!r}")
+        return list(queries)
 
     def _lookup(self, keys: list[str]) -> list[Memory | None]:
         from .errors import CorruptMemoryError
@@ -355,9 +496,23 @@ class PiscoModel:
                     found.append(None)
             return found
 
+    def compress_texts(
+        self, texts: Sequence[str], queries: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Memory vectors ``[len(texts), n_mem, hidden]`` for chunks that already fit
+        (no store, no chunking)."""
+        return self._compress_batch(texts, queries)[0]
+
     @torch.no_grad()
-    def compress_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Memory vectors ``[len(texts), n_mem, hidden]`` for chunks that already fit."""
+    def _compress_batch(
+        self, texts: Sequence[str], queries: Sequence[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(memories, rerank scores or None) in one forward pass of the compressor."""
+        if self.compressor is not None:
+            ids, mask = self.compressor.encode_inputs(texts, queries)
+            with self._lock:
+                memories, scores = self.compressor(ids.to(self.device), mask.to(self.device))
+            return memories.detach(), None if scores is None else scores.detach().float().cpu()
         tok = self.tokenizer
         inputs = ["<ENC>" + tok.bos_token + t + tok.eos_token for t in texts]
         enc = tok(inputs, return_tensors="pt", padding="longest", add_special_tokens=False)
@@ -374,7 +529,7 @@ class PiscoModel:
         with self._lock:
             self.model.set_adapter(ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
-        return hidden[:, -self.n_mem :, :].detach()
+        return hidden[:, -self.n_mem :, :].detach(), None
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -677,6 +832,34 @@ def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) ->
     model.resize_token_embeddings(len(tokenizer))
 
 
+def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:
+    """OSCAR decoders carry only the decoder adapter; PISCO both."""
+    return (DECODER,) if config.is_oscar else (DECODER, ENCODER)
+
+
+def _compressor_fields(spec: str, connector_hidden: int | None, decoder_hidden: int) -> dict:
+    """PiscoConfig fields for a ``from_backbone(compressor=...)`` string."""
+    if spec == "pisco":
+        return {}
+    if spec.startswith("first-layers:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise PiscoInputError(
+                f"compressor={spec!r}: write 'first-layers:N' with N an integer"
+            ) from None
+        return {
+            "compressor": "first-layers",
+            "compressor_layers": n,
+            "connector_hidden": connector_hidden,
+        }
+    return {
+        "compressor": "model",
+        "compressor_model": spec,
+        "connector_hidden": connector_hidden or 4 * decoder_hidden,
+    }
+
+
 def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str, dict]) -> None:
     from peft import LoraConfig
 
@@ -687,9 +870,13 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
     )
+    names = _adapter_names(config)
+    missing = set(names) - set(weights) if weights else set()
+    if missing:
+        raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-        for name in (DECODER, ENCODER):
+        for name in names:
             if name in weights:
                 model.load_adapter(
                     peft_config=lora,
@@ -698,9 +885,6 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
                 )
             else:
                 model.add_adapter(lora, adapter_name=name)
-    missing = {DECODER, ENCODER} - set(weights) if weights else set()
-    if missing:
-        raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
     model.set_adapter(DECODER)
 
 
@@ -787,4 +971,4 @@ def _cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-__all__ = ["Completion", "PiscoModel", "Segment"]
+__all__ = ["Completion", "PiscoModel", "RankedDocument", "Segment"]

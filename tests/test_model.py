@@ -44,18 +44,18 @@ def test_long_document_policies(tiny_model):
 
 def test_compress_reuses_the_store(tiny_model):
     calls = []
-    original = tiny_model.compress_texts
+    original = tiny_model._compress_batch
 
-    def counting(texts):
+    def counting(texts, queries):
         calls.append(len(texts))
-        return original(texts)
+        return original(texts, queries)
 
-    tiny_model.compress_texts = counting
+    tiny_model._compress_batch = counting
     try:
         first = tiny_model.compress(["A fresh text about the Rhine.", "Another about the Oder."])
         second = tiny_model.compress(["A fresh text about the Rhine.", "Another about the Oder."])
     finally:
-        del tiny_model.compress_texts
+        del tiny_model._compress_batch
     assert calls == [2]
     for a, b in zip(first, second, strict=True):
         assert a.key == b.key and torch.equal(a.vectors, b.vectors)

@@ -174,12 +174,12 @@ def test_wrong_backbone_is_reported(tmp_path):
         PiscoModel.from_pretrained(tmp_path / "ckpt", backbone=str(tmp_path / "other"))
 
 
-def test_oscar_checkpoint_is_refused_clearly(tmp_path):
+def test_oscar_config_without_compressor_files_names_them(tmp_path):
     build_naver_checkpoint(tmp_path)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    cfg["compr_model_name"] = "mistral_trimmed"
+    cfg.update(compr_model_name="mistral_trimmed", compr_n_layers=1, compr_use_mlp=False)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="OSCAR checkpoint"):
+    with pytest.raises(CheckpointError, match=r"OSCAR compressor.*missing compressor\.pth"):
         PiscoModel.from_pretrained(tmp_path / "ckpt")
 
 

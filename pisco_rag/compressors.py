@@ -1,0 +1,239 @@
+"""OSCAR compressors: query-dependent compression with a network much cheaper than the backbone.
+
+Two kinds, both a causal-LM body whose last hidden states at the memory-token positions are the
+memories, plus an optional reranking head:
+
+- ``first-layers``: the first N layers of the backbone (final norm removed unless
+  ``rms_norm``); input ``"\\nQuery:\\n" + query + "Document:\\n" + document``.
+- ``model``: a separate small causal LM and a Linear-ReLU-Linear connector to the decoder's
+  hidden size; input the tokenizer pair ``(query, document)``.
+
+The memory tokens ``<MEM0>..<MEM{n-1}>`` follow the text; with a reranking head a ``<RR>`` token
+follows them, and a dense layer on its hidden state gives the relevance score. Causal attention
+means the ``<RR>`` token never changes the memories: one forward pass gives both.
+Padding goes to a fixed length (``doc_max_length`` + margin, more only for long queries), so a
+document's memory does not depend on the rest of its batch, and nothing is ever truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+RERANK_TOKEN = "<RR>"
+
+
+class QueryCompressor(nn.Module):
+    """A compressor body (a transformers base model), connector and optional reranking head."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        kind: str,
+        n_mem: int,
+        doc_max_length: int,
+        decoder_hidden: int,
+        connector_hidden: int | None,
+        rerank_head: bool,
+    ) -> None:
+        super().__init__()
+        if kind not in ("first-layers", "model"):
+            raise ValueError(f"compressor kind must be 'first-layers' or 'model', not {kind!r}")
+        self.body = body
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.n_mem = n_mem
+        self.doc_max_length = doc_max_length
+        hidden = int(body.config.hidden_size)
+        if connector_hidden:
+            self.connector: nn.Module | None = nn.Sequential(
+                nn.Linear(hidden, connector_hidden),
+                nn.ReLU(),
+                nn.Linear(connector_hidden, decoder_hidden),
+            )
+        elif hidden != decoder_hidden:
+            raise ValueError(
+                f"the compressor's hidden size ({hidden}) differs from the decoder's "
+                f"({decoder_hidden}): a connector (connector_hidden) is required"
+            )
+        else:
+            self.connector = None
+        self.head = nn.Linear(hidden, 1) if rerank_head else None
+        tokens = [f"<MEM{i}>" for i in range(n_mem)]
+        self.mem_token_ids = tokenizer.convert_tokens_to_ids(tokens)
+        self.rerank_token_id = (
+            tokenizer.convert_tokens_to_ids(RERANK_TOKEN) if rerank_head else None
+        )
+
+    def encode_inputs(
+        self, texts: Sequence[str], queries: Sequence[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask: text (with its query), then memory (and rerank) tokens."""
+        tok = self.tokenizer
+        if queries is None:
+            first, second, margin = list(texts), None, 2
+        elif self.kind == "first-layers":
+            first = [f"\nQuery:\n{q}Document:\n{t}" for q, t in zip(queries, texts, strict=True)]
+            second, margin = None, 8
+        else:
+            first, second, margin = list(queries), list(texts), 3
+        longest = max(len(ids) for ids in tok(first, second, add_special_tokens=True)["input_ids"])
+        enc = tok(
+            first,
+            second,
+            return_tensors="pt",
+            padding="max_length",
+            max_length=max(self.doc_max_length + margin, longest),
+            add_special_tokens=True,
+        )
+        extra = self.mem_token_ids + ([self.rerank_token_id] if self.head is not None else [])
+        tail = torch.tensor(extra).expand(len(first), -1)
+        ids = torch.cat([enc["input_ids"], tail], dim=1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(tail)], dim=1)
+        return ids, mask
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(memories ``[batch, n_mem, decoder_hidden]``, scores ``[batch]`` or None)."""
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0]
+        n_tail = self.n_mem + (1 if self.head is not None else 0)
+        memories = hidden[:, -n_tail:][:, : self.n_mem]
+        if self.connector is not None:
+            memories = self.connector(memories)
+        scores = self.head(hidden[:, -1]).squeeze(-1) if self.head is not None else None
+        return memories, scores
+
+
+def first_layers_body(backbone: nn.Module, n_layers: int, rms_norm: bool) -> nn.Module:
+    """A new base model holding copies of the backbone's embeddings and first ``n_layers``."""
+    from transformers import AutoModel
+
+    base = backbone.base_model if hasattr(backbone, "base_model") else backbone
+    total = int(backbone.config.num_hidden_layers)
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"first-layers:{n_layers}: the backbone has {total} layers")
+    config = backbone.config.__class__.from_dict(backbone.config.to_dict())
+    config.num_hidden_layers = n_layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = config.layer_types[:n_layers]
+    body = AutoModel.from_config(config)
+    state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+    state = {k.replace(".base_layer.", "."): v for k, v in state.items()}
+    missing, _ = body.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.startswith("norm")]:
+        raise ValueError(f"could not copy the backbone's first layers (missing {missing[:3]})")
+    if not rms_norm:
+        body.norm = nn.Identity()
+    return body.to(dtype=next(backbone.parameters()).dtype)
+
+
+def add_compressor_tokens(
+    tokenizer: PreTrainedTokenizerBase, n_mem: int, rerank_head: bool
+) -> None:
+    """Memory tokens (and the rerank token) on the compressor's tokenizer; pad = bos if absent."""
+    tokens = [f"<MEM{i}>" for i in range(n_mem)] + ([RERANK_TOKEN] if rerank_head else [])
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.bos_token or tokenizer.eos_token
+
+
+def build_compressor(
+    config,
+    backbone: nn.Module,
+    backbone_tokenizer: PreTrainedTokenizerBase,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    lora_weights: dict[str, torch.Tensor] | None = None,
+    local_files_only: bool = False,
+) -> QueryCompressor:
+    """The OSCAR compressor a :class:`PiscoConfig` describes.
+
+    ``backbone`` and ``backbone_tokenizer`` are the decoder's, before its special tokens are
+    added. ``weights`` (keys ``body.*``, ``connector.*``, ``head.*``) replace the initial
+    values; ``lora_weights`` is a LoRA adapter of the body, merged into it (naver checkpoints
+    whose compressor was LoRA-tuned).
+    """
+    import copy
+
+    from . import checkpoints
+
+    if config.compressor == "first-layers":
+        source, tokenizer = backbone, copy.deepcopy(backbone_tokenizer)
+        if config.compressor_model and config.compressor_model != config.backbone:
+            source, tokenizer = checkpoints.load_backbone(
+                config.compressor_model, dtype=None, local_files_only=local_files_only
+            )
+        body = first_layers_body(source, config.compressor_layers, config.compressor_rms_norm)
+    else:
+        lm, tokenizer = checkpoints.load_backbone(
+            config.compressor_model, dtype=None, local_files_only=local_files_only
+        )
+        body = lm.base_model
+    add_compressor_tokens(tokenizer, config.n_mem_tokens, config.rerank_head)
+    if config.compressor_padding_side:
+        tokenizer.padding_side = config.compressor_padding_side
+    body.resize_token_embeddings(len(tokenizer))
+    if lora_weights is not None:
+        body = _merge_lora(body, lora_weights, config.compressor_lora_r or config.lora_r)
+    compressor = QueryCompressor(
+        body,
+        tokenizer,
+        kind=config.compressor,
+        n_mem=config.n_mem_tokens,
+        doc_max_length=config.doc_max_length,
+        decoder_hidden=int(backbone.config.hidden_size),
+        connector_hidden=config.connector_hidden,
+        rerank_head=config.rerank_head,
+    )
+    if weights is not None:
+        missing, unexpected = compressor.load_state_dict(weights, strict=False)
+        if unexpected or (missing and lora_weights is None):
+            raise ValueError(
+                f"compressor weights do not fit the configured compressor (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    return compressor.to(dtype=next(backbone.parameters()).dtype)
+
+
+def _merge_lora(body: nn.Module, adapter: dict[str, torch.Tensor], r: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
+    wrapped = get_peft_model(body, config, adapter_name="compr_adapter")
+    state = {f"base_model.model.{k}": v for k, v in adapter.items()}
+    result = set_peft_model_state_dict(wrapped, state, adapter_name="compr_adapter")
+    if [k for k in result.unexpected_keys if "lora_" in k]:
+        raise ValueError(f"the compressor adapter does not fit ({result.unexpected_keys[:3]})")
+    return wrapped.merge_and_unload()
+
+
+def naver_compressor_weights(
+    full: dict[str, torch.Tensor] | None,
+    mlp: dict[str, torch.Tensor] | None,
+    first_layer: dict[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """naver's ``compressor/`` files as ``body.*``/``connector.*`` keys (build_compressor)."""
+    out: dict[str, torch.Tensor] = {}
+    for source in (full, first_layer):
+        for key, value in (source or {}).items():
+            if "lm_head" in key:
+                continue  # the trimmed compressor keeps a head it never uses
+            for prefix in ("custom_model.model.", "model."):
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    break
+            out[f"body.{key}"] = value
+    out.update({f"connector.{k}": v for k, v in (mlp or {}).items()})
+    return out
+
+
+def strip_adapter_prefix(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """naver's trimmed-compressor adapter keys are relative to a causal LM: make them relative
+    to its base model."""
+    return {k.removeprefix("model."): v for k, v in adapter.items()}
