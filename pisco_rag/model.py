@@ -564,7 +564,7 @@ class PiscoModel:
     ) -> Iterator[str]:
         """Like :meth:`generate` for one question, yielding text pieces as they are decoded."""
         (prompt,) = self._pisco_prompts([question], [context])
-        return self._stream(prompt, max_new_tokens, None, generation_kwargs)
+        return self._stream(prompt, max_new_tokens, None, generation_kwargs, "decoder")
 
     def generate_from_text(
         self,
@@ -606,7 +606,8 @@ class PiscoModel:
         self, prompt: Messages, *, add_generation_prompt: bool = True
     ) -> RenderedPrompt:
         """Resolve the memory tags of a prompt string or chat messages (``[{"role", "content"}]``)
-        and tokenise it with the backbone's chat template."""
+        and tokenise it with the backbone's chat template. Whitespace between two adjacent
+        tags is dropped, so consecutive memories form contiguous slots as in PISCO's prompt."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         turns = []
@@ -615,7 +616,7 @@ class PiscoModel:
                 raise PiscoInputError(
                     f"prompt[{i}] must be a dict with a 'role' and a str 'content'"
                 )
-            content = split_tags(msg["content"], self.store.resolve)
+            content = _join_adjacent_memories(split_tags(msg["content"], self.store.resolve))
             for seg in content:
                 if isinstance(seg, Memory):
                     self._check_memory(seg, f"a memory tag in prompt[{i}]")
@@ -628,13 +629,16 @@ class PiscoModel:
         *,
         max_new_tokens: int = 256,
         stop: Sequence[str] | None = None,
+        adapter: Literal["decoder", "none"] = "decoder",
         **generation_kwargs: Any,
     ) -> list[Completion]:
         """Prompt-level generation for framework adapters: each prompt is a string or chat
         messages whose memory tags are resolved from :attr:`store`. A prompt without tags is
-        plain text generation."""
+        plain text generation; ``adapter="none"`` reads it with the plain backbone."""
         rendered = [self.render_prompt(p) for p in prompts]
-        return self._generate(rendered, max_new_tokens, stop, generation_kwargs)
+        if adapter == "none" and any(r.memories for r in rendered):
+            raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
+        return self._generate(rendered, max_new_tokens, stop, generation_kwargs, adapter=adapter)
 
     def stream_complete(
         self,
@@ -642,10 +646,14 @@ class PiscoModel:
         *,
         max_new_tokens: int = 256,
         stop: Sequence[str] | None = None,
+        adapter: Literal["decoder", "none"] = "decoder",
         **generation_kwargs: Any,
     ) -> Iterator[str]:
         """Like :meth:`complete` for one prompt, yielding text pieces."""
-        return self._stream(self.render_prompt(prompt), max_new_tokens, stop, generation_kwargs)
+        rendered = self.render_prompt(prompt)
+        if adapter == "none" and rendered.memories:
+            raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
+        return self._stream(rendered, max_new_tokens, stop, generation_kwargs, adapter)
 
     # ------------------------------------------------------------------ internals
     def _pisco_prompts(
@@ -784,6 +792,7 @@ class PiscoModel:
         max_new_tokens: int,
         stop: Sequence[str] | None,
         kwargs: dict[str, Any],
+        adapter: Literal["decoder", "none"],
     ) -> Iterator[str]:
         args = self._generation_args(max_new_tokens, stop, kwargs)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -792,11 +801,15 @@ class PiscoModel:
         def run() -> None:
             try:
                 with torch.no_grad(), self._lock:
-                    self._activate_decoder("decoder")
-                    embeds, mask = self._embed([prompt])
-                    self.model.generate(
-                        inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **args
-                    )
+                    self._activate_decoder(adapter)
+                    try:
+                        embeds, mask = self._embed([prompt])
+                        self.model.generate(
+                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **args
+                        )
+                    finally:
+                        if adapter == "none":
+                            self.model.enable_adapters()
             except BaseException as e:  # surfaced in the consumer's thread below
                 error.append(e)
                 streamer.end()
@@ -941,6 +954,21 @@ def _load_native_rows(model, embeddings: dict[str, torch.Tensor], directory: Pat
                 )
             param[ids] = values.to(param.dtype)
     return ids.tolist()
+
+
+def _join_adjacent_memories(segments: list[Segment]) -> list[Segment]:
+    """Drop whitespace-only text between two memories."""
+    return [
+        seg
+        for k, seg in enumerate(segments)
+        if not (
+            isinstance(seg, str)
+            and not seg.strip()
+            and 0 < k < len(segments) - 1
+            and isinstance(segments[k - 1], Memory)
+            and isinstance(segments[k + 1], Memory)
+        )
+    ]
 
 
 def _check_documents(documents: object, name: str) -> list[str]:

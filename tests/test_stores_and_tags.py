@@ -212,3 +212,23 @@ def test_bad_generate_arguments(tiny_model):
     wrong_shape = Memory(memory.vectors[:4], memory.fingerprint, memory.key)
     with pytest.raises(MemoryMismatchError, match="has shape"):
         tiny_model.generate(["Q?"], [[wrong_shape]])
+
+
+def test_adjacent_tags_form_contiguous_slots(tiny_model):
+    memories = tiny_model.compress(["First adjacent text.", "Second adjacent text."])
+    a, b = tiny_model.tags(memories)
+    spaced = tiny_model.render_prompt(f"Background:\n{a}\n\n{b}\n\nQuestion: q")
+    joined = tiny_model.render_prompt(f"Background:\n{a}{b}\n\nQuestion: q")
+    assert spaced.input_ids == joined.input_ids and len(spaced.memories) == 2
+
+
+def test_complete_with_plain_backbone(tiny_model):
+    (memory,) = tiny_model.compress(["Plain backbone text."])
+    (text,) = tiny_model.complete(["Say hi"], max_new_tokens=4, adapter="none")
+    assert text.completion_tokens <= 4
+    streamed = "".join(tiny_model.stream_complete("Say hi", max_new_tokens=4, adapter="none"))
+    assert streamed.strip() == text.text
+    with pytest.raises(PiscoInputError, match="reads text only"):
+        tiny_model.complete([tiny_model.tag(memory)], adapter="none")
+    # adapters are enabled again afterwards: the decoder adapter is in use for memories
+    assert tiny_model.complete(["Say hi"], max_new_tokens=4, adapter="none") == [text]
