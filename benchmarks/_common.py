@@ -29,22 +29,37 @@ def environment() -> dict:
     }
 
 
-def load_model(tiny: bool, device: str | None):
-    """The embedded SmolLM2 default, or (``tiny``) a 2-layer random model for smoke tests."""
+def load_model(tiny: bool, device: str | None, compressor: str = "pisco", **kwargs):
+    """A PiscoModel on SmolLM2-135M (the embedded default for PISCO, an untrained OSCAR model
+    otherwise), or (``tiny``) on a 2-layer random model for smoke tests."""
     from pisco_rag import PiscoModel
+    from pisco_rag.defaults import DEFAULT_BACKBONE
 
-    if tiny:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        from pisco_rag.defaults import embedded_backbone_dir
-
-        tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-        return PiscoModel.from_backbone(LlamaForCausalLM(cfg), tok, device=device or "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PiscoModel.from_pretrained("embedded", device=device)
+        if tiny:
+            from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+            from pisco_rag.defaults import embedded_backbone_dir
+
+            tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
+            cfg = LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+            compressor = "first-layers:1" if compressor != "pisco" else compressor
+            return PiscoModel.from_backbone(
+                LlamaForCausalLM(cfg), tok, device=device or "cpu", compressor=compressor, **kwargs
+            )
+        if compressor == "pisco":
+            return PiscoModel.from_pretrained("embedded", device=device)
+        return PiscoModel.from_backbone(
+            DEFAULT_BACKBONE, device=device, compressor=compressor, **kwargs
+        )
 
 
 def write(result: dict, out: Path) -> None:

@@ -4,7 +4,7 @@ Both prompts have exactly the same token count; the memory prompt has k memories
 its input embeddings (one masked write), the plain one has ordinary tokens in those slots. Both
 generate exactly ``--new-tokens`` tokens greedily. Runs are interleaved; medians are reported.
 
-    python benchmarks/splice_overhead.py            # SmolLM2-135M, writes results/splice_overhead.json
+    python benchmarks/splice_overhead.py      # SmolLM2-135M: results/splice_overhead.json
     python benchmarks/splice_overhead.py --tiny --repeats 1 --out /tmp/x.json   # smoke test
 """
 
@@ -32,8 +32,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.tiny, args.device)
-    docs = [" ".join(f"Document {i} sentence {j} about rivers." for j in range(20))
-            for i in range(args.k)]
+    docs = [
+        " ".join(f"Document {i} sentence {j} about rivers." for j in range(20))
+        for i in range(args.k)
+    ]
     memories = [m for m in model.compress(docs) if m.chunk_index == 0][: args.k]
     (with_memories,) = model._pisco_prompts(["Which river is it?"], [memories])
     filler = model.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
@@ -65,13 +67,17 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "median_seconds": {"from_memories": med["memories"], "plain_prompt": med["plain"]},
-        "median_embedding_seconds": {"from_memories": embed["memories"],
-                                     "plain_prompt": embed["plain"]},
+        "median_embedding_seconds": {
+            "from_memories": embed["memories"],
+            "plain_prompt": embed["plain"],
+        },
         "overhead_percent": 100 * (med["memories"] / med["plain"] - 1),
         "environment": environment(),
     }
-    print(f"from memories {med['memories'] * 1000:.1f} ms, plain prompt "
-          f"{med['plain'] * 1000:.1f} ms, overhead {result['overhead_percent']:+.1f}%")
+    print(
+        f"from memories {med['memories'] * 1000:.1f} ms, plain prompt "
+        f"{med['plain'] * 1000:.1f} ms, overhead {result['overhead_percent']:+.1f}%"
+    )
     write(result, args.out)
 
 

@@ -14,11 +14,49 @@ ROOT = Path(__file__).parents[1]
 def test_splice_overhead_script_runs(tmp_path):
     out = tmp_path / "splice.json"
     subprocess.run(
-        [sys.executable, "benchmarks/splice_overhead.py", "--tiny", "--repeats", "1", "--k", "3",
-         "--new-tokens", "4", "--out", str(out)],
-        cwd=ROOT, check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "benchmarks/splice_overhead.py",
+            "--tiny",
+            "--repeats",
+            "1",
+            "--k",
+            "3",
+            "--new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     result = json.loads(out.read_text())
     assert result["k_memories"] == 3 and result["new_tokens"] == 4
     assert set(result["median_seconds"]) == {"from_memories", "plain_prompt"}
     assert result["environment"]["command"].endswith(f"--out {out}")
+
+
+def test_compression_cost_script_runs(tmp_path):
+    out = tmp_path / "cost.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/compression_cost.py",
+            "--tiny",
+            "--repeats",
+            "1",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["k_documents"] == 2 and result["compressor_layers"] == 1
+    assert set(result["median_seconds"]) == {"pisco_full_backbone", "oscar_first_layers"}
