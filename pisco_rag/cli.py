@@ -42,16 +42,25 @@ def cmd_ask(args: argparse.Namespace) -> int:
     chunks = _chunks(model, args.folder)
     retriever = DenseRetriever(device="cpu")
     retriever.add(chunks, show_progress=len(chunks) > 64)
-    hits = retriever.search(args.question, args.top_k)
+    reranking = model.config.rerank_head and not args.text
+    hits = retriever.search(args.question, args.retrieve_k if reranking else args.top_k)
     texts = [c.text for c, _ in hits]
     if args.text:
+        mode = "text"
         answer = model.generate_from_text(
             [args.question], [texts], max_new_tokens=args.max_new_tokens
         )[0]
     else:
-        memories = model.compress(texts, show_progress=len(texts) > 16)
+        if reranking:  # OSCAR: scores and query-dependent memories in one pass
+            ranked = model.rerank(args.question, texts, top_n=args.top_k)
+            hits = [(hits[r.index][0], r.score) for r in ranked]
+            memories = [m for r in ranked for m in r.memories]
+            mode = f"OSCAR, {len(texts)} retrieved, {len(ranked)} reranked and compressed"
+        else:
+            queries = [args.question] * len(texts) if model.config.is_oscar else None
+            memories = model.compress(texts, queries=queries, show_progress=len(texts) > 16)
+            mode = f"{len(texts)} compressed chunks"
         answer = model.generate([args.question], [memories], max_new_tokens=args.max_new_tokens)[0]
-    mode = "text" if args.text else f"{len(texts)} compressed chunks"
     print(f"Answer ({mode}): {answer}\n\nSources:")
     for rank, (chunk, score) in enumerate(hits, 1):
         snippet = " ".join(chunk.text.split())[:100]
@@ -61,6 +70,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     model = _load_model(args)
+    if model.config.is_oscar:
+        from .errors import PiscoInputError
+
+        raise PiscoInputError(
+            "--model is an OSCAR model: it compresses at query time, conditioned on the "
+            "question, so there is nothing to precompute; use a PISCO model here"
+        )
     chunks = _chunks(model, args.folder)
     before = len(model.store)
     model.compress(
@@ -96,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question over a folder of .txt/.md files")
     ask.add_argument("folder")
     ask.add_argument("question")
-    ask.add_argument("--top-k", type=int, default=5, help="chunks retrieved (default 5)")
+    ask.add_argument("--top-k", type=int, default=5, help="chunks read (default 5)")
+    ask.add_argument(
+        "--retrieve-k",
+        type=int,
+        default=20,
+        help="chunks retrieved before reranking, for models with a reranking head (default 20)",
+    )
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--store", default=None, help="SQLite memory store to read and fill")
     ask.add_argument(

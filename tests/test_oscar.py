@@ -316,3 +316,52 @@ def test_oscar_bad_input(oscar, tiny_model):
     assert len(headless.compress(DOCS, queries=[QUERY] * 3)) == 3
     with pytest.raises(PiscoInputError, match="first-layers:N"):
         oscar_model(compressor="first-layers:x")
+
+
+def test_cli_ask_reranks_with_an_oscar_model(tmp_path, capsys):
+    from pisco_rag.cli import main
+
+    model = oscar_model(seed=12, path=tmp_path / "base")
+    model.save_pretrained(tmp_path / "oscar")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / f"doc{i}.txt").write_text(doc)
+    assert (
+        main(
+            [
+                "ask",
+                str(folder),
+                QUERY,
+                "--model",
+                str(tmp_path / "oscar"),
+                "--top-k",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "OSCAR, 3 retrieved, 2 reranked" in out
+    sources = [line for line in out.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+    assert len(sources) == 2
+    expected = model.rerank(QUERY, DOCS, top_n=2)
+    assert f"doc{expected[0].index}.txt" in sources[0]
+    assert (
+        main(
+            [
+                "compress",
+                str(folder),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--model",
+                str(tmp_path / "oscar"),
+            ]
+        )
+        == 2
+    )
+    assert "nothing to precompute" in capsys.readouterr().err
