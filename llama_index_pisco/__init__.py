@@ -2,6 +2,9 @@
 
 - :class:`PiscoCompressor` (node postprocessor): retrieved nodes -> PISCO memories; the LLM
   reads memory tags, ``response.source_nodes`` keep the original text.
+- :class:`OscarReranker` (node postprocessor): OSCAR models with a reranking head; scores
+  retrieved nodes for the query, keeps the ``top_n`` best and compresses them for that query
+  in the same pass (a text reranker and ``PiscoCompressor`` in one step).
 - :class:`PiscoLLM` (``CustomLLM``): the PISCO decoder; resolves memory tags in prompts and chat
   messages (complete, chat, streaming, async). Plain prompts are plain text generation.
 - :class:`PiscoMemoryTransform` (ingestion ``TransformComponent``): precompute memories into a
@@ -11,8 +14,8 @@
 - :class:`SentenceTransformerEmbedding`: offline MiniLM retrieval for examples and tests.
 
 Swapping a text RAG pipeline to PISCO is two lines: ``llm=PiscoLLM(model)`` and
-``node_postprocessors=[PiscoCompressor(model)]``. The OSCAR reranker postprocessor is not
-available yet (the core has no OSCAR reranker).
+``node_postprocessors=[PiscoCompressor(model)]``; with an OSCAR reranking model,
+``node_postprocessors=[OscarReranker(model, top_n=5)]`` replaces the text reranker.
 """
 
 from .embedding import SentenceTransformerEmbedding, embedded_minilm_dir
@@ -28,6 +31,7 @@ from .prompts import (
     PISCO_QA_TEXT_TEMPLATE,
     PISCO_SYSTEM_PROMPT,
 )
+from .reranker import OscarReranker
 
 __all__ = [
     "PISCO_CHAT_CONTEXT_TEMPLATE",
@@ -35,6 +39,7 @@ __all__ = [
     "PISCO_QA_TEMPLATE",
     "PISCO_QA_TEXT_TEMPLATE",
     "PISCO_SYSTEM_PROMPT",
+    "OscarReranker",
     "PiscoCompressEndEvent",
     "PiscoCompressStartEvent",
     "PiscoCompressor",

@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import LONG_TEXT
+from conftest import LONG_TEXT, randomize_lora, tiny_backbone
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -22,15 +22,28 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
 )
-from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
-from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.base.response.schema import (
+    AsyncStreamingResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.bridge.pydantic import ValidationError
+from llama_index.core.callbacks import (
+    CallbackManager,
+    CBEventType,
+    EventPayload,
+    LlamaDebugHandler,
+    TokenCountingHandler,
+)
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.ingestion.pipeline import get_transformation_hash
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.llms import MockLLM
 from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.postprocessor import LLMRerank
 from llama_index.core.schema import (
     IndexNode,
     MetadataMode,
@@ -43,6 +56,7 @@ from llama_index_pisco import (
     PISCO_CHAT_CONTEXT_TEMPLATE,
     PISCO_QA_TEMPLATE,
     PISCO_SYSTEM_PROMPT,
+    OscarReranker,
     PiscoCompressEndEvent,
     PiscoCompressor,
     PiscoLLM,
@@ -51,7 +65,13 @@ from llama_index_pisco import (
     is_compressed,
     pisco_sentence_splitter,
 )
-from pisco_rag import PiscoInputError, PiscoModel, SQLiteMemoryStore, TagError
+from pisco_rag import (
+    PiscoInputError,
+    PiscoModel,
+    RerankingUnavailableError,
+    SQLiteMemoryStore,
+    TagError,
+)
 from pisco_rag.tags import TAG_PATTERN, contains_tag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,6 +578,242 @@ def test_pisco_sentence_splitter_makes_one_memory_per_node(tiny_model):
     assert all(len(tiny_model.chunk(n.text)) == 1 for n in nodes)
     groups = PiscoCompressor(tiny_model).postprocess_nodes(scored(nodes, start=1.0))
     assert all(len(TAG_PATTERN.findall(g.node.get_content(MetadataMode.LLM))) == 1 for g in groups)
+
+
+# ---------------------------------------------------------------------- OscarReranker
+def oscar_model(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
+    """A tiny random OSCAR model (first-layer compressor), with a reranking head by default."""
+    backbone, tok = tiny_backbone("llama", seed)
+    model = PiscoModel.from_backbone(
+        backbone,
+        tok,
+        compressor="first-layers:1",
+        rerank_head=rerank_head,
+        device="cpu",
+        seed=seed,
+    )
+    randomize_lora(model, seed + 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def oscar() -> PiscoModel:
+    return oscar_model()
+
+
+def rerank_nodes() -> list[TextNode]:
+    """The three passages and a long one (several chunks, so several memories)."""
+    return [*text_nodes(), TextNode(text=LONG_TEXT, id_="long", metadata={"title": "Long"})]
+
+
+def llm_memories(model: PiscoModel, node) -> list:
+    """The memories behind the tags that are a node's whole LLM-facing content."""
+    llm_text = node.get_content(MetadataMode.LLM)
+    assert TAG_PATTERN.sub("", llm_text) == ""
+    return [model.store.resolve(key, mac) for key, mac in TAG_PATTERN.findall(llm_text)]
+
+
+def test_reranker_orders_by_head_score_and_compresses_for_the_query(oscar):
+    nodes = rerank_nodes()
+    out = OscarReranker(oscar, top_n=None).postprocess_nodes(scored(nodes), query_str=QUESTION)
+
+    expected = oscar.rerank(QUESTION, [n.text for n in nodes])
+    assert [n.node.node_id for n in out] == [nodes[r.index].node_id for r in expected]
+    assert [n.score for n in out] == pytest.approx([r.score for r in expected])
+    assert [n.score for n in out] == sorted((n.score for n in out), reverse=True)
+    by_id = {n.node_id: n for n in nodes}
+    for item, ranked in zip(out, expected, strict=True):
+        node, original = item.node, by_id[item.node.node_id]
+        assert isinstance(node, PiscoTextNode) and is_compressed(node)
+        # the user sees the original node
+        assert node.metadata == original.metadata and node.text == original.text
+        assert node.get_content() == original.text
+        assert node.get_content(MetadataMode.EMBED) == original.get_content(MetadataMode.EMBED)
+        assert no_tag(str(item)) and no_tag(node.to_json())
+        # the LLM reads the query-dependent memories of the scoring pass, in text order
+        memories = llm_memories(oscar, node)
+        assert [m.key for m in memories] == [m.key for m in ranked.memories]
+        assert [m.text for m in memories] == oscar.chunk(original.text)
+        assert all(m.query == QUESTION for m in memories)
+        assert item.score == pytest.approx(max(m.score for m in memories))
+    long = next(n for n in out if n.node.node_id == "long")
+    assert len(llm_memories(oscar, long.node)) > 1
+    # the input nodes are left untouched
+    assert all(type(n) is TextNode and no_tag(n.get_content(MetadataMode.LLM)) for n in nodes)
+
+    # other query, other memories; PiscoCompressor on the same model: document-only memories
+    other = OscarReranker(oscar, top_n=None).postprocess_nodes(
+        scored(nodes), query_str="How high is Mount Everest?"
+    )
+    plain = PiscoCompressor(oscar).postprocess_nodes(scored(nodes))
+    keys = {n.node.node_id: {m.key for m in llm_memories(oscar, n.node)} for n in out}
+    for item in [*other, *plain]:
+        assert not keys[item.node.node_id] & {m.key for m in llm_memories(oscar, item.node)}
+    assert all(m.query is None for n in plain for m in llm_memories(oscar, n.node))
+
+
+async def test_reranker_top_n_retrieval_score_and_async(oscar):
+    nodes = rerank_nodes()
+    assert OscarReranker(oscar).top_n == 5
+    full = OscarReranker(oscar, top_n=None).postprocess_nodes(scored(nodes), query_str=QUESTION)
+    assert len(full) == 4
+    assert len(OscarReranker(oscar).postprocess_nodes(scored(nodes), query_str=QUESTION)) == 4
+
+    reranker = OscarReranker(oscar, top_n=2, keep_retrieval_score=True)
+    inputs = scored(nodes)
+    top = reranker.postprocess_nodes(inputs, query_bundle=QueryBundle(QUESTION))
+    assert [n.node.node_id for n in top] == [n.node.node_id for n in full[:2]]
+    assert [n.score for n in top] == pytest.approx([n.score for n in full[:2]])
+    retrieval = {n.node.node_id: n.score for n in inputs}
+    for item in top:
+        assert item.node.metadata["retrieval_score"] == pytest.approx(retrieval[item.node.node_id])
+    # the inputs keep their scores and metadata
+    assert [n.score for n in inputs] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert all("retrieval_score" not in n.node.metadata for n in inputs)
+
+    again = await reranker.apostprocess_nodes(scored(nodes), query_bundle=QueryBundle(QUESTION))
+    assert [(n.node.node_id, n.score) for n in again] == [(n.node.node_id, n.score) for n in top]
+
+    (first,) = OscarReranker(oscar, top_n=1, include_llm_metadata=True).postprocess_nodes(
+        scored(nodes), query_str=QUESTION
+    )
+    llm_text = first.node.get_content(MetadataMode.LLM)
+    assert llm_text.startswith(f"title: {first.node.metadata['title']}")
+    assert TAG_PATTERN.search(llm_text) and first.node.text not in llm_text
+
+
+async def test_reranker_events_and_callbacks(oscar):
+    events: list = []
+
+    class Collect(BaseEventHandler):
+        def handle(self, event, **kwargs) -> None:
+            if isinstance(event, ReRankStartEvent | ReRankEndEvent):
+                events.append(event)
+
+    debug = LlamaDebugHandler()
+    reranker = OscarReranker(oscar, top_n=2, callback_manager=CallbackManager([debug]))
+    inputs = scored(rerank_nodes())
+    handler = Collect()
+    root = get_dispatcher()
+    root.add_event_handler(handler)
+    try:
+        out = reranker.postprocess_nodes(inputs, query_bundle=QueryBundle(QUESTION))
+        out_async = await reranker.apostprocess_nodes(inputs, query_bundle=QueryBundle(QUESTION))
+    finally:
+        root.event_handlers.remove(handler)
+
+    name = oscar.config.name or oscar.config.backbone
+    assert reranker.model_name == name
+    assert [type(e) for e in events] == [ReRankStartEvent, ReRankEndEvent] * 2
+    for start, end, result in ((events[0], events[1], out), (events[2], events[3], out_async)):
+        assert (start.top_n, start.model_name) == (2, name)
+        assert start.query.query_str == QUESTION
+        assert [n.node.node_id for n in start.nodes] == [n.node.node_id for n in inputs]
+        assert [(n.node.node_id, n.score) for n in end.nodes] == [
+            (n.node.node_id, n.score) for n in result
+        ]
+
+    pairs = debug.get_event_pairs(CBEventType.RERANKING)
+    assert len(pairs) == 2
+    for (begin, finish), result in zip(pairs, (out, out_async), strict=True):
+        assert begin.payload[EventPayload.QUERY_STR] == QUESTION
+        assert begin.payload[EventPayload.TOP_K] == 2
+        assert begin.payload[EventPayload.MODEL_NAME] == name
+        assert begin.payload[EventPayload.NODES] == inputs
+        assert [n.node.node_id for n in finish.payload[EventPayload.NODES]] == [
+            n.node.node_id for n in result
+        ]
+
+
+def test_query_engine_with_oscar_reranker(oscar, recorded):
+    prompts = recorded(oscar)
+    nodes = rerank_nodes()
+    engine = mock_index(nodes).as_query_engine(
+        similarity_top_k=4,
+        node_postprocessors=[OscarReranker(oscar, top_n=2)],
+        llm=PiscoLLM(oscar, max_new_tokens=4),
+    )
+    response = engine.query(QUESTION)
+
+    assert isinstance(response, Response)
+    expected = oscar.rerank(QUESTION, [n.text for n in nodes], top_n=2)
+    assert [n.node.node_id for n in response.source_nodes] == [
+        nodes[r.index].node_id for r in expected
+    ]
+    assert [n.score for n in response.source_nodes] == pytest.approx([r.score for r in expected])
+    for source, ranked in zip(response.source_nodes, expected, strict=True):
+        assert source.node.text == nodes[ranked.index].text
+        assert no_tag(source.node.get_content()) and no_tag(str(source))
+    assert no_tag(response.response) and no_tag(str(response))
+    assert no_tag(response.get_formatted_sources(length=10_000))
+
+    # the LLM read the query-dependent memories of the two best nodes, never their text
+    (prompt,) = prompts
+    sent = prompt_text(prompt)
+    assert QUESTION in sent and not any(n.text in sent for n in nodes)
+    rendered = oscar.render_prompt(prompt)  # the tags resolve, as PiscoLLM resolved them
+    assert [m.key for m in rendered.memories] == [m.key for r in expected for m in r.memories]
+    assert all(m.query == QUESTION for m in rendered.memories)
+
+
+def test_swap_text_reranker_for_oscar_reranker(oscar, recorded):
+    index = mock_index()
+    retrieved = index.as_retriever(similarity_top_k=3).retrieve(QUESTION)
+
+    def build(llm, reranker):
+        return index.as_query_engine(similarity_top_k=3, node_postprocessors=[reranker], llm=llm)
+
+    # text RAG with a text reranker: LLMRerank on a MockLLM, standing in for
+    # SentenceTransformerRerank (offline); it ranks the retrieved passages in reverse order
+    def reverse(answer: str, n: int) -> tuple[list[int], list[float]]:
+        return list(range(n, 0, -1)), [float(i) for i in range(n, 0, -1)]
+
+    text_reranker = LLMRerank(llm=MockLLM(), top_n=2, parse_choice_select_answer_fn=reverse)
+    text = build(MockLLM(), text_reranker).query(QUESTION)
+    assert [n.node.node_id for n in text.source_nodes] == [
+        n.node.node_id for n in retrieved[::-1][:2]
+    ]
+    assert any(t in text.response for t in TEXTS.values()) and no_tag(text.response)
+
+    # OSCAR: the same construction with the two lines changed
+    prompts = recorded(oscar)
+    response = build(PiscoLLM(oscar, max_new_tokens=3), OscarReranker(oscar, top_n=2)).query(
+        QUESTION
+    )
+    expected = oscar.rerank(QUESTION, [n.node.text for n in retrieved], top_n=2)
+    assert [n.node.node_id for n in response.source_nodes] == [
+        retrieved[r.index].node.node_id for r in expected
+    ]
+    assert [n.score for n in response.source_nodes] == pytest.approx([r.score for r in expected])
+    assert [n.node.text for n in response.source_nodes] == [
+        retrieved[r.index].node.text for r in expected
+    ]
+    sent = prompt_text(prompts[-1])
+    assert len(TAG_PATTERN.findall(sent)) == 2
+    assert not any(t in sent for t in TEXTS.values())
+    assert no_tag(response.response)
+
+
+def test_reranker_errors(oscar, tiny_model):
+    with pytest.raises(
+        RerankingUnavailableError, match=r"needs an OSCAR model.*PISCO model.*PiscoCompressor"
+    ):
+        OscarReranker(tiny_model)
+    headless = oscar_model(rerank_head=False, seed=8)
+    with pytest.raises(RerankingUnavailableError, match=r"needs a reranking head.*rerank_head"):
+        OscarReranker(headless)
+    with pytest.raises(PiscoInputError, match=r"needs a pisco_rag\.PiscoModel"):
+        OscarReranker("not a model")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="top_n"):
+        OscarReranker(oscar, top_n=0)
+
+    reranker = OscarReranker(oscar)
+    with pytest.raises(PiscoInputError, match="OscarReranker needs the query"):
+        reranker.postprocess_nodes(scored(text_nodes()))
+    assert reranker.postprocess_nodes([], query_str=QUESTION) == []
+    bad = [*scored(text_nodes()[:1]), NodeWithScore(node=TextNode(text="  ", id_="blank-7"))]
+    with pytest.raises(PiscoInputError, match=r"node 'blank-7' \(nodes\[1\].*no text"):
+        reranker.postprocess_nodes(bad, query_str=QUESTION)
 
 
 # ---------------------------------------------------------------------- integration
