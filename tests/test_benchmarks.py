@@ -60,3 +60,38 @@ def test_compression_cost_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["k_documents"] == 2 and result["compressor_layers"] == 1
     assert set(result["median_seconds"]) == {"pisco_full_backbone", "oscar_first_layers"}
+
+
+def test_speed_script_runs(tmp_path):
+    out = tmp_path / "speed.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/speed.py",
+            "--tiny",
+            "--repeats",
+            "1",
+            "--batch",
+            "2",
+            "--k",
+            "2",
+            "--new-tokens",
+            "2",
+            "--scaling-ks",
+            "1",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"text", "pisco", "oscar"}
+    for row in result["modes"].values():
+        assert row["prefill_gflops"] > 0 and set(row["scaling_ms_per_query"]) == {"1", "3"}
+    # the compressed prompt is shorter than the text prompt by construction
+    assert result["modes"]["pisco"]["prompt_tokens"] < result["modes"]["text"]["prompt_tokens"]
+    assert out.with_suffix(".png").is_file()

@@ -1,0 +1,206 @@
+"""Speed and memory, the OSCAR paper's protocol: text RAG vs PISCO vs OSCAR on one backbone.
+
+k documents of ~128 tokens, one question each, 32 generated tokens, greedy. Text RAG reads the
+documents as text; PISCO reads precomputed memories; OSCAR compresses at query time (with the
+question, 5-layer compressor, reranking head) and then reads its memories, compression
+included in its time. Reported per mode: latency per query at batch 1, throughput at batch
+``--batch``, prefill FLOPs counted by torch's FlopCounterMode, prompt tokens, and the peak
+resident memory of a separate process per mode (so modes do not share a high-water mark).
+``--scaling`` adds the time per query as k grows. Weights are untrained: this measures cost.
+
+    python benchmarks/speed.py                      # SmolLM2-135M: results/speed.json + speed.png
+    python benchmarks/speed.py --tiny --repeats 1 --batch 2 --k 2 --scaling-ks 1 2 --out /tmp/s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS, environment, load_model, write
+from torch.utils.flop_counter import FlopCounterMode
+
+MODES = ("text", "pisco", "oscar")
+SENTENCE = (
+    "The harbour of {name} was rebuilt in {year} after the storm, and its lighthouse now guides "
+    "ships past the northern sandbanks towards the old customs house. "
+)
+
+
+def documents(model, k: int, offset: int = 0) -> list[str]:
+    """k distinct documents of (just under) 128 tokens each."""
+    docs = []
+    for i in range(offset, offset + k):
+        text = " ".join(SENTENCE.format(name=f"Port {i}", year=1800 + i) for _ in range(6))
+        docs.append(model.chunk(text)[0])
+    return docs
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Measure one mode in this process; printed as JSON for the parent."""
+    mode = args.mode
+    if mode == "oscar":
+        model = load_model(
+            args.tiny, args.device, compressor=f"first-layers:{args.layers}", rerank_head=True
+        )
+    else:
+        model = load_model(args.tiny, args.device)
+    gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
+    question = "Which harbour was rebuilt after the storm?"
+
+    def answer(batch: int, k: int, offset: int = 0) -> None:
+        docs = [documents(model, k, offset + 1000 * b) for b in range(batch)]
+        qs = [question] * batch
+        if mode == "text":
+            model.generate_from_text(qs, docs, batch_size=batch, **gen)
+            return
+        if mode == "pisco":
+            contexts = [memories[tuple(d)] for d in docs]
+        else:  # OSCAR: compression with the question is part of answering
+            flat = [d for ds in docs for d in ds]
+            mems = model.compress(
+                flat, queries=[question] * len(flat), use_store=False, batch_size=len(flat)
+            )
+            contexts = [mems[b * k : (b + 1) * k] for b in range(batch)]
+        model.generate(qs, contexts, batch_size=batch, **gen)
+
+    memories: dict[tuple[str, ...], list] = {}
+    if mode == "pisco":  # offline: precomputed, not timed
+        for k in {args.k, *args.scaling_ks}:
+            for b in range(max(args.batch, 1)):
+                docs = documents(model, k, 1000 * b)
+                memories[tuple(docs)] = model.compress(docs, use_store=False)
+
+    def timed(batch: int, k: int) -> float:
+        t = time.perf_counter()
+        answer(batch, k)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        timed(1, args.k)  # warm-up
+        latency = statistics.median(timed(1, args.k) for _ in range(args.repeats))
+        batch_time = statistics.median(timed(args.batch, args.k) for _ in range(args.repeats))
+        scaling = {
+            str(k): statistics.median(timed(1, k) for _ in range(max(1, args.repeats // 2)))
+            for k in args.scaling_ks
+        }
+        flops, prompt_tokens = prefill_flops(model, mode, args.k, question)
+    return {
+        "mode": mode,
+        "latency_ms_batch1": 1000 * latency,
+        f"throughput_qps_batch{args.batch}": args.batch / batch_time,
+        "prefill_gflops": flops / 1e9,
+        "prompt_tokens": prompt_tokens,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "scaling_ms_per_query": {k: 1000 * v for k, v in scaling.items()},
+    }
+
+
+def prefill_flops(model, mode: str, k: int, question: str) -> tuple[float, int]:
+    """FLOPs of everything before the first generated token (OSCAR's compression included;
+    PISCO's offline compression not)."""
+    docs = documents(model, k)
+    if mode == "pisco":
+        memories = model.compress(docs, use_store=False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if mode == "oscar":
+            memories = model.compress(docs, queries=[question] * k, use_store=False)
+        (prompt,) = model._pisco_prompts([question], [docs if mode == "text" else memories])
+        embeds, mask = model._embed([prompt])
+        model.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1)
+    return float(counter.get_total_flops()), len(prompt.input_ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=5, help="OSCAR compressor layers")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scaling-ks", type=int, nargs="*", default=[1, 5, 10, 20, 50])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return
+
+    rows = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[mode] = json.loads(out.strip().splitlines()[-1])
+        print(f"{mode:6s} {rows[mode]}")
+    text = rows["text"]
+    key = f"throughput_qps_batch{args.batch}"
+    result = {
+        "benchmark": "speed",
+        "protocol": {
+            "k": args.k,
+            "new_tokens": args.new_tokens,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "oscar_layers": args.layers,
+            "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct",
+        },
+        "modes": rows,
+        "speedup_vs_text": {
+            m: {
+                "latency_batch1": text["latency_ms_batch1"] / rows[m]["latency_ms_batch1"],
+                f"throughput_batch{args.batch}": rows[m][key] / text[key],
+                "prefill_flops": text["prefill_gflops"] / rows[m]["prefill_gflops"],
+            }
+            for m in ("pisco", "oscar")
+        },
+        "environment": environment(),
+    }
+    write(result, args.out)
+    plot(result, args.out.with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    modes = result["modes"]
+    key = next(k for k in modes["text"] if k.startswith("throughput"))
+    left.bar(list(modes), [modes[m][key] for m in modes], color=["grey", "tab:blue", "tab:green"])
+    left.set_ylabel("queries / s")
+    left.set_title(
+        f"throughput, {key.removeprefix('throughput_qps_')}, k={result['protocol']['k']}"
+    )
+    for m, style in zip(modes, ("o-", "s-", "^-")):
+        ks = [int(k) for k in modes[m]["scaling_ms_per_query"]]
+        right.plot(ks, list(modes[m]["scaling_ms_per_query"].values()), style, label=m)
+    right.set_xlabel("documents per query (k)")
+    right.set_ylabel("ms per query (batch 1)")
+    right.set_title("time per query as k grows")
+    right.legend()
+    fig.suptitle(
+        f"{result['protocol']['model']}, {result['environment']['processor']}, "
+        f"{result['environment']['cpu_count']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
