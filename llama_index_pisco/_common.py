@@ -49,14 +49,19 @@ def compress_nodes(
     batch_size: int,
     show_progress: bool,
     source: str,
+    query: str | None = None,
 ) -> list[list[Memory]]:
     """Memories of each node, in chunk order (one per ``doc_max_length`` tokens of text).
 
     Memories already in ``model.store`` (same model, same text) are read, not recomputed.
+    An OSCAR model compresses with ``query`` (its memories depend on the question).
     """
     texts = node_texts(nodes)
     dispatcher.event(PiscoCompressStartEvent(num_nodes=len(texts), source=source))
-    memories = model.compress(texts, batch_size=batch_size, show_progress=show_progress)
+    queries = [query] * len(texts) if model.config.is_oscar and query else None
+    memories = model.compress(
+        texts, queries=queries, batch_size=batch_size, show_progress=show_progress
+    )
     groups: list[list[Memory]] = [[] for _ in texts]
     for memory in memories:
         groups[memory.source_index].append(memory)

@@ -31,6 +31,7 @@ class PiscoCompressor(BaseNodePostprocessor):
     and embeddings are unchanged. Memories come from ``model.store`` when present (for example
     precomputed by :class:`~llama_index_pisco.PiscoMemoryTransform`) and are computed otherwise.
 
+    With an OSCAR model (query-dependent compressor) the memories are made with the query.
     A node without text raises :class:`~pisco_rag.PiscoInputError` naming the node id.
     """
 
@@ -72,6 +73,7 @@ class PiscoCompressor(BaseNodePostprocessor):
             batch_size=self.batch_size,
             show_progress=self.show_progress,
             source="postprocessor",
+            query=query_bundle.query_str if query_bundle is not None else None,
         )
         out = []
         for item, memories in zip(nodes, groups):

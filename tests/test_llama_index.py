@@ -923,3 +923,21 @@ def test_quickstart_notebook_runs():
     )
     assert "4 nodes, 4 memories in the store" in outputs
     assert "Elbe: " + TEXTS["elbe"] in outputs  # the top source, shown as text
+
+
+def test_pisco_compressor_uses_the_query_with_an_oscar_model():
+    from conftest import tiny_backbone
+    from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+
+    from llama_index_pisco import PiscoCompressor
+    from pisco_rag import PiscoModel
+
+    backbone, tok = tiny_backbone("llama", seed=4)
+    oscar = PiscoModel.from_backbone(backbone, tok, compressor="first-layers:1", device="cpu")
+    nodes = [NodeWithScore(node=TextNode(text="The Elbe flows through Hamburg.", id_="n1"))]
+    compressor = PiscoCompressor(oscar)
+    (out,) = compressor.postprocess_nodes(nodes, QueryBundle("Which river?"))
+    (memory,) = oscar.render_prompt(out.node.get_content(MetadataMode.LLM)).memories
+    assert memory.query == "Which river?"
+    expected = oscar.compress(["The Elbe flows through Hamburg."], queries=["Which river?"])[0]
+    assert memory.key == expected.key
