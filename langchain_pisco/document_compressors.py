@@ -1,0 +1,139 @@
+"""PISCO document compression for LangChain retrieval pipelines."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.documents import BaseDocumentCompressor, Document
+from langchain_core.runnables import run_in_executor
+from pydantic import ConfigDict, Field
+
+from pisco_rag import PiscoModel
+from pisco_rag.tags import TAG_PATTERN
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_TEXT_KEY = "pisco_original_text"
+"""Metadata key of a compressed document that holds its original text."""
+
+MEMORY_COUNT_KEY = "pisco_memories"
+"""Metadata key of a compressed document that holds how many memories (chunks) stand for it."""
+
+_ONLY_TAGS = re.compile(f"(?:{TAG_PATTERN.pattern})+")
+
+
+class PiscoDocumentCompressor(BaseDocumentCompressor):
+    """Replaces each retrieved document's text by the PISCO memory tags that stand for it.
+
+    Each document is compressed by ``pisco_model`` (memories are read from, or written to, the
+    model's memory store) and comes back with ``page_content`` set to its memory tag; a document
+    longer than the model's ``doc_max_length`` is split into chunks and gets one tag per chunk,
+    concatenated. The document's id and metadata are kept, and its original text is stored in
+    ``metadata["pisco_original_text"]`` (:data:`ORIGINAL_TEXT_KEY`) so that sources can still
+    be shown to users. Only a :class:`~langchain_pisco.ChatPisco` on the same ``PiscoModel`` (or
+    one sharing its memory store) can read the tags.
+
+    PISCO compression does not depend on the query, so ``query`` is ignored and the documents
+    keep their order. Documents whose text is empty are dropped (there is nothing to compress).
+
+    Example:
+        .. code-block:: python
+
+            from langchain_classic.retrievers import ContextualCompressionRetriever
+
+            pisco = PiscoModel.from_pretrained("embedded")
+            retriever = ContextualCompressionRetriever(
+                base_compressor=PiscoDocumentCompressor(pisco_model=pisco),
+                base_retriever=vector_store.as_retriever(),
+            )
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    pisco_model: PiscoModel = Field(repr=False, exclude=True)
+    """The model that compresses; its ``store`` holds the memories behind the tags."""
+    batch_size: int = Field(default=16, gt=0)
+    """Chunks compressed per forward pass."""
+    long_documents: Literal["chunk", "truncate", "error"] | None = None
+    """Policy for documents longer than ``doc_max_length`` tokens (``None``: the model's,
+    by default ``"chunk"``)."""
+    show_progress: bool = False
+    """Show a progress bar while compressing."""
+
+    def compress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> Sequence[Document]:
+        """Return the documents with their text replaced by memory tags (same order, ids and
+        metadata, original text in ``metadata["pisco_original_text"]``)."""
+        todo: list[Document] = []
+        out: list[Document | None] = []
+        for doc in documents:
+            if _is_compressed(doc):  # already went through a PISCO compressor: keep it
+                out.append(doc)
+            elif not doc.page_content.strip():
+                logger.warning("dropping document %r: its text is empty", doc.id)
+            else:
+                out.append(None)
+                todo.append(doc)
+        if not todo:
+            return [d for d in out if d is not None]
+        memories = self.pisco_model.compress(
+            [d.page_content for d in todo],
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
+            long_documents=self.long_documents,
+        )
+        tags: list[list[str]] = [[] for _ in todo]
+        for memory in memories:
+            tags[memory.source_index].append(self.pisco_model.tag(memory))
+        fresh = iter(
+            Document(
+                page_content="".join(doc_tags),
+                metadata={
+                    **doc.metadata,
+                    ORIGINAL_TEXT_KEY: doc.page_content,
+                    MEMORY_COUNT_KEY: len(doc_tags),
+                },
+                id=doc.id,
+            )
+            for doc, doc_tags in zip(todo, tags)
+        )
+        return [d if d is not None else next(fresh) for d in out]
+
+    async def acompress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> Sequence[Document]:
+        """Async :meth:`compress_documents` (runs in the default executor; the model's lock
+        serialises it with other model calls)."""
+        return await run_in_executor(None, self.compress_documents, documents, query, callbacks)
+
+
+def _is_compressed(doc: Document) -> bool:
+    return ORIGINAL_TEXT_KEY in doc.metadata and _ONLY_TAGS.fullmatch(doc.page_content) is not None
+
+
+def original_documents(documents: Sequence[Document]) -> list[Document]:
+    """Documents with their original text back in ``page_content`` (for showing sources):
+    the inverse of :class:`PiscoDocumentCompressor` for display; no tag is left in them."""
+    restored = []
+    for doc in documents:
+        if ORIGINAL_TEXT_KEY not in doc.metadata:
+            restored.append(doc)
+            continue
+        metadata: dict[str, Any] = {
+            k: v for k, v in doc.metadata.items() if k not in (ORIGINAL_TEXT_KEY, MEMORY_COUNT_KEY)
+        }
+        restored.append(
+            Document(page_content=doc.metadata[ORIGINAL_TEXT_KEY], metadata=metadata, id=doc.id)
+        )
+    return restored
