@@ -8,6 +8,7 @@ adapters under one lock, so threads and event loops can share a model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -20,7 +21,13 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from . import checkpoints
 from .chunking import chunk_text, count_tokens
@@ -272,6 +279,12 @@ class PiscoModel:
         if not self._tied:
             rows["output_rows"] = self.model.get_output_embeddings().weight[index].float()
         return rows
+
+    def with_store(self, store: MemoryStore) -> PiscoModel:
+        """The same model (weights, compressor, lock) reading and writing another store."""
+        clone = copy.copy(self)
+        clone.store = store
+        return clone
 
     # ------------------------------------------------------------------ properties
     @property
@@ -561,7 +574,7 @@ class PiscoModel:
         *,
         max_new_tokens: int = 64,
         **generation_kwargs: Any,
-    ) -> Iterator[str]:
+    ) -> TextStream:
         """Like :meth:`generate` for one question, yielding text pieces as they are decoded."""
         (prompt,) = self._pisco_prompts([question], [context])
         return self._stream(prompt, max_new_tokens, None, generation_kwargs, "decoder")
@@ -648,8 +661,9 @@ class PiscoModel:
         stop: Sequence[str] | None = None,
         adapter: Literal["decoder", "none"] = "decoder",
         **generation_kwargs: Any,
-    ) -> Iterator[str]:
-        """Like :meth:`complete` for one prompt, yielding text pieces."""
+    ) -> TextStream:
+        """Like :meth:`complete` for one prompt, yielding text pieces; the stream's
+        ``completion`` has the token counts once it is exhausted."""
         rendered = self.render_prompt(prompt)
         if adapter == "none" and rendered.memories:
             raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
@@ -759,6 +773,60 @@ class PiscoModel:
             finally:
                 if adapter == "none":
                     self.model.enable_adapters()
+        return self._completions(prompts, out, max_new_tokens, stop)
+
+    def _activate_decoder(self, adapter: str) -> None:
+        if adapter == "none":
+            self.model.disable_adapters()
+        elif adapter == "decoder":
+            self.model.set_adapter(DECODER)
+        else:
+            raise PiscoInputError(f"adapter must be 'decoder' or 'none', got {adapter!r}")
+
+    def _stream(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+        kwargs: dict[str, Any],
+        adapter: Literal["decoder", "none"],
+    ) -> TextStream:
+        args = self._generation_args(max_new_tokens, stop, kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        args["stopping_criteria"] = StoppingCriteriaList(
+            [*args.get("stopping_criteria", []), _Cancelled(cancel)]
+        )
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.no_grad(), self._lock:
+                    self._activate_decoder(adapter)
+                    try:
+                        embeds, mask = self._embed([prompt])
+                        outcome["ids"] = self.model.generate(
+                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **args
+                        )
+                    finally:
+                        if adapter == "none":
+                            self.model.enable_adapters()
+            except BaseException as e:  # surfaced in the consumer's thread
+                outcome["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return TextStream(streamer, thread, cancel, outcome, stop, self, prompt, max_new_tokens)
+
+    def _completions(
+        self,
+        prompts: Sequence[RenderedPrompt],
+        out: torch.Tensor,
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+    ) -> list[Completion]:
+        """Decode generated ids: cut at the first eos and at stop strings, count tokens."""
         eos = set(_as_list(self.model.generation_config.eos_token_id))
         eos.add(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
@@ -778,59 +846,60 @@ class PiscoModel:
             results.append(Completion(text.strip(), len(p.input_ids), n, reason))
         return results
 
-    def _activate_decoder(self, adapter: str) -> None:
-        if adapter == "none":
-            self.model.disable_adapters()
-        elif adapter == "decoder":
-            self.model.set_adapter(DECODER)
-        else:
-            raise PiscoInputError(f"adapter must be 'decoder' or 'none', got {adapter!r}")
 
-    def _stream(
-        self,
-        prompt: RenderedPrompt,
-        max_new_tokens: int,
-        stop: Sequence[str] | None,
-        kwargs: dict[str, Any],
-        adapter: Literal["decoder", "none"],
-    ) -> Iterator[str]:
-        args = self._generation_args(max_new_tokens, stop, kwargs)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        error: list[BaseException] = []
+class TextStream(Iterator[str]):
+    """Text pieces of one answer as they are decoded. Joined, they equal the answer that
+    :meth:`PiscoModel.complete` gives (stripped, cut at stop strings); once the stream is
+    exhausted, :attr:`completion` holds it with its token counts. Closing the stream (or
+    dropping it) stops the generation."""
 
-        def run() -> None:
-            try:
-                with torch.no_grad(), self._lock:
-                    self._activate_decoder(adapter)
-                    try:
-                        embeds, mask = self._embed([prompt])
-                        self.model.generate(
-                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **args
-                        )
-                    finally:
-                        if adapter == "none":
-                            self.model.enable_adapters()
-            except BaseException as e:  # surfaced in the consumer's thread below
-                error.append(e)
-                streamer.end()
+    def __init__(self, streamer, thread, cancel, outcome, stop, model, prompt, max_new_tokens):
+        self.completion: Completion | None = None
+        self._cancel = cancel
+        self._pieces = self._run(streamer, thread, outcome, stop, model, prompt, max_new_tokens)
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+    def __next__(self) -> str:
+        return next(self._pieces)
 
-        def pieces() -> Iterator[str]:
-            emitted = ""
+    def close(self) -> None:
+        self._cancel.set()
+        self._pieces.close()
+
+    def __del__(self) -> None:
+        self._cancel.set()
+
+    def _run(self, streamer, thread, outcome, stop, model, prompt, max_new_tokens):
+        text, sent = "", ""
+        try:
             for piece in streamer:
-                text, stopped = _cut_at_stop(emitted + piece, stop)
-                if text[len(emitted) :]:
-                    yield text[len(emitted) :]
-                emitted = text
+                text, stopped = _cut_at_stop(text + piece, stop)
+                ready = text.strip() if stopped else text.lstrip()
+                ready = ready if stopped else ready[: len(ready.rstrip())]  # hold whitespace
+                if len(ready) > len(sent):
+                    yield ready[len(sent) :]
+                    sent = ready
                 if stopped:
+                    self._cancel.set()
                     break
             thread.join()
-            if error:
-                raise error[0]
+            if "error" in outcome:
+                raise outcome["error"]
+            if "ids" in outcome:
+                (self.completion,) = model._completions(
+                    [prompt], outcome["ids"], max_new_tokens, stop
+                )
+        finally:
+            self._cancel.set()
 
-        return pieces()
+
+class _Cancelled(StoppingCriteria):
+    """Stopping criterion: stop when the stream's consumer went away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -999,4 +1068,4 @@ def _cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-__all__ = ["Completion", "PiscoModel", "RankedDocument", "Segment"]
+__all__ = ["Completion", "PiscoModel", "RankedDocument", "Segment", "TextStream"]

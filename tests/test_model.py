@@ -193,3 +193,31 @@ def test_dtype_and_device_arguments():
     (memory,) = model.compress(["Bfloat text."])
     assert memory.vectors.dtype == torch.bfloat16
     assert len(model.generate([QUESTION], [[memory]], max_new_tokens=3)) == 1
+
+
+def test_stream_reports_its_completion_and_stops_when_closed(tiny_model):
+    memories = tiny_model.compress(["The Elbe flows through Hamburg."])
+    prompt = f"Context: {tiny_model.tag(memories[0])} Which river?"
+    (expected,) = tiny_model.complete([prompt], max_new_tokens=12)
+    stream = tiny_model.stream_complete(prompt, max_new_tokens=12)
+    assert stream.completion is None
+    assert "".join(stream) == expected.text
+    assert stream.completion == expected
+    # a consumer that stops early ends the generation: far fewer than 200 steps run
+    from transformers import StoppingCriteria
+
+    class CountSteps(StoppingCriteria):
+        steps = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            CountSteps.steps += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    stream = tiny_model.stream_complete(
+        prompt, max_new_tokens=200, min_new_tokens=200, stopping_criteria=[CountSteps()]
+    )
+    next(stream, None)
+    stream.close()
+    assert tiny_model._lock.acquire(timeout=120)  # the generation thread has finished
+    tiny_model._lock.release()
+    assert 1 <= CountSteps.steps < 200

@@ -232,3 +232,11 @@ def test_complete_with_plain_backbone(tiny_model):
         tiny_model.complete([tiny_model.tag(memory)], adapter="none")
     # adapters are enabled again afterwards: the decoder adapter is in use for memories
     assert tiny_model.complete(["Say hi"], max_new_tokens=4, adapter="none") == [text]
+
+
+def test_with_store_shares_weights_and_lock(tiny_model, tmp_path):
+    other = tiny_model.with_store(SQLiteMemoryStore(tmp_path / "m.sqlite"))
+    assert other.model is tiny_model.model and other._lock is tiny_model._lock
+    assert other.fingerprint == tiny_model.fingerprint and other.store is not tiny_model.store
+    (memory,) = other.compress(["Stored in the other store."])
+    assert memory.key in other.store and memory.key not in tiny_model.store
