@@ -1,7 +1,12 @@
-"""LangChain adapters for pisco-rag: a PISCO document compressor, a chat model that reads memory
-tags, and a bridge that keeps memories in any LangChain ``ByteStore``.
+"""LangChain adapters for pisco-rag.
 
-The OSCAR reranking compressor will come with OSCAR support in the core.
+- :class:`PiscoDocumentCompressor`: replaces retrieved documents' text by PISCO memory tags
+  (compressing for the query with an OSCAR model).
+- :class:`OscarReranker`: reranks retrieved documents with an OSCAR model's reranking head and
+  compresses them for the query in the same pass (in place of a text reranker such as
+  ``CrossEncoderReranker``).
+- :class:`ChatPisco`: a chat model that reads the memories behind the tags in its prompt.
+- :class:`ByteStoreMemoryStore`: keeps memories in any LangChain ``ByteStore``.
 """
 
 from .chat_models import ChatPisco, to_pisco_messages
@@ -11,13 +16,16 @@ from .document_compressors import (
     PiscoDocumentCompressor,
     original_documents,
 )
+from .rerankers import RELEVANCE_SCORE_KEY, OscarReranker
 from .stores import ByteStoreMemoryStore
 
 __all__ = [
     "MEMORY_COUNT_KEY",
     "ORIGINAL_TEXT_KEY",
+    "RELEVANCE_SCORE_KEY",
     "ByteStoreMemoryStore",
     "ChatPisco",
+    "OscarReranker",
     "PiscoDocumentCompressor",
     "original_documents",
     "to_pisco_messages",

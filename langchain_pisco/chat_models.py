@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-import torch
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
@@ -23,9 +23,9 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import run_in_executor
 from pydantic import ConfigDict, Field, model_validator
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from pisco_rag import PiscoInputError, PiscoModel
+from pisco_rag import Completion, PiscoInputError, PiscoModel
+from pisco_rag.model import TextStream
 
 # Standard parameters of hosted chat models that mean nothing for a local model: accepted and
 # ignored, so that code written for another provider keeps working after the swap.
@@ -167,11 +167,7 @@ class ChatPisco(BaseChatModel):
         prompt = to_pisco_messages(messages)
         args = self._generation_args(stop, kwargs)
         (completion,) = self.pisco_model.complete([prompt], **args)
-        usage = UsageMetadata(
-            input_tokens=completion.prompt_tokens,
-            output_tokens=completion.completion_tokens,
-            total_tokens=completion.prompt_tokens + completion.completion_tokens,
-        )
+        usage = _usage(completion)
         message = AIMessage(
             content=completion.text,
             usage_metadata=usage,
@@ -196,6 +192,29 @@ class ChatPisco(BaseChatModel):
         # loop stays free.
         return await run_in_executor(None, self._generate, messages, stop, None, **kwargs)
 
+    def _open_stream(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> TextStream:
+        # Rendering resolves the tags: a bad tag fails here, before any token.
+        prompt = to_pisco_messages(messages)
+        return self.pisco_model.stream_complete(prompt, **self._generation_args(stop, kwargs))
+
+    def _last_chunk(self, stream: TextStream) -> ChatGenerationChunk:
+        """The closing chunk: no text, the exact token counts and the finish reason."""
+        completion = stream.completion
+        if completion is None:  # pragma: no cover - the core sets it once the stream is over
+            raise RuntimeError("the PISCO stream ended without its completion")
+        usage = _usage(completion)
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=usage,
+                response_metadata=self._metadata(completion.finish_reason),
+                chunk_position="last",
+            ),
+            generation_info={"finish_reason": completion.finish_reason},
+        )
+
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -203,37 +222,19 @@ class ChatPisco(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        prompt = to_pisco_messages(messages)
-        args = self._generation_args(stop, kwargs)
-        # Rendering resolves the tags (a bad tag fails here, before any token) and counts the
-        # prompt's tokens; stream_complete renders the same prompt again.
-        input_tokens = len(self.pisco_model.render_prompt(prompt).input_ids)
-        counter = _TokenCounter()
-        criteria = StoppingCriteriaList([*args.pop("stopping_criteria", []), counter])
-        pieces = self.pisco_model.stream_complete(prompt, stopping_criteria=criteria, **args)
-        for piece in _strip_stream(pieces):
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if run_manager:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
-        output_tokens = counter.count
-        ended = counter.last_token in _eos_ids(self.pisco_model)
-        at_limit = output_tokens >= args["max_new_tokens"]
-        finish_reason = "length" if at_limit and not ended else "stop"
-        usage = UsageMetadata(
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
-        )
-        yield ChatGenerationChunk(
-            message=AIMessageChunk(
-                content="",
-                usage_metadata=usage,
-                response_metadata=self._metadata(finish_reason),
-                chunk_position="last",
-            ),
-            generation_info={"finish_reason": finish_reason},
-        )
+        stream = self._open_stream(messages, stop, kwargs)
+        try:
+            # The pieces are stripped and cut at stop strings as invoke's answer is.
+            for piece in stream:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                if run_manager:
+                    run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
+        finally:
+            # A consumer that stops reading closes this generator: stop generating at once
+            # rather than run on to max_tokens under the model's lock.
+            stream.close()
+        yield self._last_chunk(stream)
 
     async def _astream(
         self,
@@ -242,15 +243,24 @@ class ChatPisco(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        iterator = self._stream(messages, stop, None, **kwargs)
+        # The model runs in a worker thread; each piece is awaited there so the loop stays free.
+        stream = await run_in_executor(None, self._open_stream, messages, stop, kwargs)
         done = object()
-        while True:
-            chunk = await run_in_executor(None, next, iterator, done)
-            if chunk is done:
-                break
-            if run_manager and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        try:
+            while True:
+                piece = await run_in_executor(None, next, stream, done)
+                if piece is done:
+                    break
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                if run_manager:
+                    await run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
+        finally:
+            # Cancelled while a worker thread is still reading the stream, close() cannot close
+            # that generator (ValueError) but has already told the generation to stop.
+            with contextlib.suppress(ValueError):
+                stream.close()
+        yield self._last_chunk(stream)
 
 
 def to_pisco_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
@@ -300,37 +310,9 @@ def _text_of(message: BaseMessage, where: str) -> str:
     return "".join(parts)
 
 
-def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
-    """The pieces without leading and trailing whitespace, as ``complete`` strips its answer:
-    the joined stream equals the ``invoke`` answer. Whitespace is held back until text follows."""
-    started = False
-    pending = ""
-    for piece in pieces:
-        text = pending + piece if started else piece.lstrip()
-        body = text.rstrip()
-        pending = text[len(body) :]
-        if body:
-            started = True
-            yield body
-
-
-class _TokenCounter(StoppingCriteria):
-    """Counts generated tokens during streaming (``stream_complete`` yields text only); it is
-    called once per new token and never stops generation itself."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last_token: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any):
-        self.count += 1
-        self.last_token = int(input_ids[0, -1])
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(model: PiscoModel) -> set[int]:
-    eos = model.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if model.tokenizer.eos_token_id is not None:
-        ids.add(model.tokenizer.eos_token_id)
-    return ids
+def _usage(completion: Completion) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=completion.prompt_tokens,
+        output_tokens=completion.completion_tokens,
+        total_tokens=completion.prompt_tokens + completion.completion_tokens,
+    )

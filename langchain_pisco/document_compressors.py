@@ -12,7 +12,7 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.runnables import run_in_executor
 from pydantic import ConfigDict, Field
 
-from pisco_rag import PiscoModel
+from pisco_rag import PiscoInputError, PiscoModel
 from pisco_rag.tags import TAG_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,12 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
     be shown to users. Only a :class:`~langchain_pisco.ChatPisco` on the same ``PiscoModel`` (or
     one sharing its memory store) can read the tags.
 
-    PISCO compression does not depend on the query, so ``query`` is ignored and the documents
-    keep their order. Documents whose text is empty are dropped (there is nothing to compress).
+    PISCO compression does not depend on the query: with a PISCO model ``query`` is ignored.
+    An OSCAR model (``pisco_model.config.is_oscar``) compresses each document *for* the query,
+    since its memories depend on the question: ``query`` must then be non-empty, and each
+    memory's ``query`` is it. Either way the documents keep their order (to rerank them too,
+    use :class:`~langchain_pisco.OscarReranker`). Documents whose text is empty are dropped
+    (there is nothing to compress).
 
     Example:
         .. code-block:: python
@@ -71,7 +75,8 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Return the documents with their text replaced by memory tags (same order, ids and
-        metadata, original text in ``metadata["pisco_original_text"]``)."""
+        metadata, original text in ``metadata["pisco_original_text"]``). ``query`` is used by
+        OSCAR models only."""
         todo: list[Document] = []
         out: list[Document | None] = []
         for doc in documents:
@@ -84,8 +89,17 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
                 todo.append(doc)
         if not todo:
             return [d for d in out if d is not None]
+        queries = None
+        if self.pisco_model.config.is_oscar:  # OSCAR memories depend on the question
+            if not isinstance(query, str) or not query.strip():
+                raise PiscoInputError(
+                    "this PiscoDocumentCompressor's model is an OSCAR model, which compresses "
+                    f"documents for the query; give a non-empty query, got {query!r}"
+                )
+            queries = [query] * len(todo)
         memories = self.pisco_model.compress(
             [d.page_content for d in todo],
+            queries=queries,
             batch_size=self.batch_size,
             show_progress=self.show_progress,
             long_documents=self.long_documents,

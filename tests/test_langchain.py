@@ -1,4 +1,5 @@
-"""LangChain adapters: document compressor, ChatPisco, byte-store bridge, LCEL chains, notebook."""
+"""LangChain adapters: document compressor, OscarReranker, ChatPisco, byte-store bridge, LCEL
+chains, notebook."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import LONG_TEXT, tiny_pisco
+from conftest import LONG_TEXT, randomize_lora, tiny_backbone, tiny_pisco
 from langchain_core.callbacks import BaseCallbackHandler, Callbacks
+from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.language_models import BaseChatModel
@@ -32,21 +34,26 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.stores import InMemoryByteStore
 from langchain_core.vectorstores import InMemoryVectorStore
+from pydantic import ValidationError
 
 from langchain_pisco import (
     MEMORY_COUNT_KEY,
     ORIGINAL_TEXT_KEY,
+    RELEVANCE_SCORE_KEY,
     ByteStoreMemoryStore,
     ChatPisco,
+    OscarReranker,
     PiscoDocumentCompressor,
     original_documents,
 )
-from langchain_pisco.chat_models import _strip_stream
 from pisco_rag import (
     CorruptMemoryError,
+    LRUMemoryStore,
+    Memory,
     MemoryMismatchError,
     PiscoInputError,
     PiscoModel,
+    RerankingUnavailableError,
     TagError,
 )
 from pisco_rag.tags import TAG_PATTERN, contains_tag
@@ -260,25 +267,108 @@ def test_chat_usage_stream_batch_and_async_agree(tiny_model, eos_free):
     assert [m.content for m in llm.batch([prompt, "Hello"])] == [m.content for m in many]
 
 
-def test_stream_whitespace_is_stripped_like_complete():
-    pieces = ["\n", " The", "\n", "\n", "answer ", " "]
-    out = list(_strip_stream(iter(pieces)))
-    assert out == ["The", "\n\nanswer"]
-    assert "".join(out) == "".join(pieces).strip()
-    assert list(_strip_stream(iter([" ", "\n"]))) == []
+def spy_on(model: PiscoModel) -> PiscoModel:
+    """The model (same weights, store and lock) as a new object that tests may patch freely:
+    the session's model stays untouched."""
+    return model.with_store(model.store)
 
 
-def test_chat_standard_parameters_reach_generation(tiny_model, monkeypatch):
+@pytest.fixture
+def streaming_model(tiny_model) -> tuple[PiscoModel, list[list[Any]]]:
+    """The tiny model, recording for each stream opened on it how often it was closed
+    (``[stream, closes]``)."""
+    model = spy_on(tiny_model)
+    opened: list[list[Any]] = []
+    real = model.stream_complete
+
+    def spy(prompt, **kwargs):
+        stream = real(prompt, **kwargs)
+        record = [stream, 0]
+        real_close = stream.close
+
+        def close() -> None:
+            record[1] += 1
+            real_close()
+
+        stream.close = close
+        opened.append(record)
+        return stream
+
+    model.stream_complete = spy
+    return model, opened
+
+
+@pytest.fixture
+def decoding_steps(tiny_model) -> Iterator[list[int]]:
+    """Counts the decoder's generation steps (one lm_head call each)."""
+    steps: list[int] = []
+    handle = tiny_model.model.get_output_embeddings().register_forward_hook(
+        lambda *args: steps.append(1)
+    )
+    yield steps
+    handle.remove()
+
+
+def test_stream_read_to_the_end_is_closed_with_exact_usage(streaming_model, eos_free):
+    model, closed_streams = streaming_model
+    llm = ChatPisco(pisco_model=model, max_tokens=5, model_kwargs=eos_free)
+    message = llm.invoke("Tell me about rivers.")
+    chunks = list(llm.stream("Tell me about rivers."))
+    (record,) = closed_streams
+    stream, closes = record
+    assert closes == 1
+    # the usage comes from the core's own completion of that stream
+    assert stream.completion is not None
+    assert chunks[-1].usage_metadata == {
+        "input_tokens": stream.completion.prompt_tokens,
+        "output_tokens": stream.completion.completion_tokens,
+        "total_tokens": stream.completion.prompt_tokens + stream.completion.completion_tokens,
+    }
+    assert chunks[-1].usage_metadata == message.usage_metadata
+    assert "".join(c.content for c in chunks) == message.content == stream.completion.text
+
+
+def test_stream_abandoned_by_its_consumer_stops_generating(
+    streaming_model, eos_free, decoding_steps
+):
+    model, closed_streams = streaming_model
+    max_tokens = 1000  # eos suppressed: an unclosed stream would decode all of them
+    llm = ChatPisco(pisco_model=model, max_tokens=max_tokens, model_kwargs=eos_free)
+    chunks = llm.stream("Tell me a long story.")
+    assert next(chunks).content
+    chunks.close()  # the consumer stops reading
+    (record,) = closed_streams
+    assert record[1] == 1 and record[0].completion is None
+    # the next call waits for the model's lock, so the abandoned generation has ended
+    assert llm.invoke("hi", max_tokens=1).usage_metadata["output_tokens"] == 1
+    assert 0 < len(decoding_steps) - 1 < max_tokens
+
+    async def read_one_and_leave() -> str:
+        pieces = llm.astream("Tell me a long story.")
+        first = await anext(pieces)
+        await pieces.aclose()
+        return first.content
+
+    decoding_steps.clear()
+    assert asyncio.run(read_one_and_leave())
+    assert len(closed_streams) == 2 and closed_streams[1][1] >= 1
+    assert closed_streams[1][0].completion is None
+    assert llm.invoke("hi", max_tokens=1).usage_metadata["output_tokens"] == 1
+    assert 0 < len(decoding_steps) - 1 < max_tokens
+
+
+def test_chat_standard_parameters_reach_generation(tiny_model):
     calls: list[dict[str, Any]] = []
-    real_complete = tiny_model.complete
+    model = spy_on(tiny_model)
+    real_complete = model.complete
 
     def spy(prompts, **kwargs):
         calls.append(kwargs)
         return real_complete(prompts, **{**kwargs, "max_new_tokens": 1})
 
-    monkeypatch.setattr(tiny_model, "complete", spy)
+    model.complete = spy
     llm = ChatPisco(
-        pisco_model=tiny_model,
+        pisco_model=model,
         temperature=0.7,
         max_tokens=5,
         stop=["\n\n"],
@@ -315,6 +405,11 @@ def test_chat_stop_sequence_cuts_the_answer(tiny_model, eos_free):
     assert stop not in cut.content and len(cut.content) < len(full)
     assert full.startswith(cut.content)
     assert cut.response_metadata["finish_reason"] == "stop"
+    # streaming cuts at the same place and reports the same counts
+    chunks = list(llm.stream("Tell me a story.", stop=[stop]))
+    assert "".join(c.content for c in chunks) == cut.content
+    assert chunks[-1].usage_metadata == cut.usage_metadata
+    assert chunks[-1].response_metadata["finish_reason"] == "stop"
 
 
 def test_chat_model_argument_slip_and_defaults(tiny_model):
@@ -332,7 +427,7 @@ def test_tag_sent_to_another_model_is_refused(tiny_model):
     memory = tiny_model.compress([TEXTS[2]])[0]
     prompt = f"Background: {tiny_model.tag(memory)}\nQuestion: where is the reef?"
     # same weights, another store: the tag's secret does not match
-    other_store = PiscoModel(tiny_model.model, tiny_model.tokenizer, tiny_model.config)
+    other_store = tiny_model.with_store(LRUMemoryStore())
     with pytest.raises(TagError, match="did not mint"):
         ChatPisco(pisco_model=other_store).invoke(prompt)
     with pytest.raises(TagError):
@@ -360,7 +455,7 @@ def test_malformed_and_forged_tags_are_errors(tiny_model, text, match):
 
 
 def test_tag_of_a_deleted_memory_is_unknown(tiny_model):
-    model = PiscoModel(tiny_model.model, tiny_model.tokenizer, tiny_model.config)
+    model = tiny_model.with_store(LRUMemoryStore())
     doc = PiscoDocumentCompressor(pisco_model=model).compress_documents(docs()[:1], QUESTION)[0]
     model.store.delete([TAG_PATTERN.fullmatch(doc.page_content).group(1)])
     with pytest.raises(TagError, match="no longer in the store"):
@@ -427,16 +522,205 @@ def test_tiny_chain_sync_async_stream_batch(tiny_model):
     assert async_answer == answer and "".join(pieces) == answer
 
 
+# ---------------------------------------------------------------------- OSCAR
+def oscar_pisco(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
+    """A tiny random OSCAR model (first backbone layer as the query-dependent compressor)."""
+    backbone, tok = tiny_backbone("llama", seed)
+    model = PiscoModel.from_backbone(
+        backbone,
+        tok,
+        compressor="first-layers:1",
+        rerank_head=rerank_head,
+        device="cpu",
+        seed=seed,
+    )
+    randomize_lora(model, seed + 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def oscar() -> PiscoModel:
+    return oscar_pisco()
+
+
+def tag_memories(model: PiscoModel, page_content: str) -> list[Memory]:
+    """The stored memories behind a compressed document's tags, in order."""
+    return [model.store.resolve(key, mac) for key, mac in TAG_PATTERN.findall(page_content)]
+
+
+class WordOverlap(BaseCrossEncoder):
+    """An offline cross-encoder stand-in: scores a pair by the words query and text share."""
+
+    def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
+        def words(text: str) -> set[str]:
+            return set(re.findall(r"[a-z]+", text.lower()))
+
+        return [float(len(words(q) & words(t))) for q, t in text_pairs]
+
+
+def test_compressor_compresses_for_the_query_with_oscar(oscar):
+    compressor = PiscoDocumentCompressor(pisco_model=oscar)
+    inputs = [*docs(), Document(LONG_TEXT, id="long")]
+    texts = [d.page_content for d in inputs]
+    out = compressor.compress_documents(inputs, QUESTION)
+    assert [d.id for d in out] == [d.id for d in inputs]  # compressing does not rerank
+    expected = oscar.compress(texts, queries=[QUESTION] * len(texts))
+    got = [m for d in out for m in tag_memories(oscar, d.page_content)]
+    assert [m.key for m in got] == [m.key for m in expected]
+    assert all(m.query == QUESTION for m in got)
+    assert [d.metadata[MEMORY_COUNT_KEY] for d in out] == [1, 1, 1, 1, len(oscar.chunk(LONG_TEXT))]
+    # the memories depend on the question: another one gives other memories of the same texts
+    other = asyncio.run(compressor.acompress_documents(docs(), "Where is Kilimanjaro?"))
+    other_keys = {m.key for d in other for m in tag_memories(oscar, d.page_content)}
+    assert not other_keys & {m.key for m in got}
+    assert not other_keys & {m.key for m in oscar.compress(TEXTS)}  # nor the query-free ones
+    with pytest.raises(PiscoInputError, match=r"OSCAR model.*non-empty query"):
+        compressor.compress_documents(docs(), "  ")
+    assert compressor.compress_documents([], "") == []
+
+
+def test_oscar_reranker_ranks_by_head_score_and_compresses_for_the_query(oscar):
+    inputs = [*docs(), Document(LONG_TEXT, id="long", metadata={"source": "long"})]
+    texts = [d.page_content for d in inputs]
+    out = OscarReranker(pisco_model=oscar, top_n=None).compress_documents(inputs, QUESTION)
+    expected = oscar.rerank(QUESTION, texts)
+    assert [d.id for d in out] == [inputs[r.index].id for r in expected]  # best first
+    scores = [d.metadata[RELEVANCE_SCORE_KEY] for d in out]
+    assert scores == [r.score for r in expected] and scores == sorted(scores, reverse=True)
+    for doc, r in zip(out, expected, strict=True):
+        original = inputs[r.index]
+        assert split_tags(doc.page_content) == [oscar.tag(m) for m in r.memories]
+        memories = tag_memories(oscar, doc.page_content)
+        assert [m.text for m in memories] == oscar.chunk(original.page_content)
+        assert all(m.query == QUESTION for m in memories)  # query-dependent memories
+        assert doc.metadata[ORIGINAL_TEXT_KEY] == original.page_content
+        assert doc.metadata[MEMORY_COUNT_KEY] == len(memories)
+        assert doc.metadata["source"] == original.metadata["source"]
+    long = next(d for d in out if d.id == "long")
+    assert long.metadata[MEMORY_COUNT_KEY] > 1
+    assert long.metadata[RELEVANCE_SCORE_KEY] == max(
+        m.score for m in tag_memories(oscar, long.page_content)
+    )  # a chunked text scores as its best chunk
+    assert inputs[0].page_content == TEXTS[0] and not inputs[0].metadata.keys() - {"source"}
+    restored = original_documents(out)  # sources for users: the text, and the score kept
+    assert [d.page_content for d in restored] == [texts[r.index] for r in expected]
+    assert [d.metadata[RELEVANCE_SCORE_KEY] for d in restored] == scores
+
+
+def test_oscar_reranker_top_n_async_and_edge_cases(oscar):
+    reranker = OscarReranker(model=oscar)  # `model=`, as CrossEncoderReranker is written
+    assert reranker.pisco_model is oscar and reranker.top_n == 3  # CrossEncoderReranker's default
+    full = OscarReranker(pisco_model=oscar, top_n=None).compress_documents(docs(), QUESTION)
+    top = reranker.compress_documents(docs(), QUESTION)
+    assert len(full) == 4 and top == full[:3]
+    two = OscarReranker(pisco_model=oscar, top_n=2)
+    assert asyncio.run(two.acompress_documents(docs(), QUESTION)) == full[:2]
+    assert two.compress_documents([], QUESTION) == []
+    assert asyncio.run(two.acompress_documents([], QUESTION)) == []
+    kept = two.compress_documents([Document(" \n", id="blank"), *docs()[:1]], QUESTION)
+    assert [d.id for d in kept] == ["doc-0"]  # an empty text has nothing to rank
+    # documents that went through a PISCO compressor are ranked on their original text
+    compressed = PiscoDocumentCompressor(pisco_model=oscar).compress_documents(docs(), QUESTION)
+    assert two.compress_documents(compressed, QUESTION) == full[:2]
+    assert PiscoDocumentCompressor(pisco_model=oscar).compress_documents(full, QUESTION) == full
+
+
+def test_oscar_reranker_errors(oscar, tiny_model):
+    with pytest.raises(RerankingUnavailableError, match=r"PISCO model.*PiscoDocumentCompressor"):
+        OscarReranker(pisco_model=tiny_model)
+    headless = oscar_pisco(rerank_head=False, seed=8)
+    with pytest.raises(RerankingUnavailableError, match=r"without one.*rerank_head=True"):
+        OscarReranker(pisco_model=headless)
+    with pytest.raises(ValidationError):
+        OscarReranker(pisco_model="not a model")
+    with pytest.raises(ValidationError):
+        OscarReranker(pisco_model=oscar, top_n=0)
+    reranker = OscarReranker(pisco_model=oscar)
+    with pytest.raises(PiscoInputError, match="non-empty query"):
+        reranker.compress_documents(docs(), "")
+    with pytest.raises(PiscoInputError, match="non-empty query"):
+        asyncio.run(reranker.acompress_documents(docs(), "   "))
+    # what the message suggests instead: a text reranker, then the compressor (for the query)
+    classic = pytest.importorskip("langchain_classic.retrievers.document_compressors")
+    pipeline = classic.DocumentCompressorPipeline(
+        transformers=[
+            classic.CrossEncoderReranker(model=WordOverlap(), top_n=2),
+            PiscoDocumentCompressor(pisco_model=headless),
+        ]
+    )
+    out = pipeline.compress_documents(docs(), QUESTION)
+    assert len(out) == 2 and out[0].metadata[ORIGINAL_TEXT_KEY] == TEXTS[0]
+    assert all(m.query == QUESTION for d in out for m in tag_memories(headless, d.page_content))
+
+
+def test_swap_cross_encoder_reranker_for_oscar_reranker(oscar):
+    classic = pytest.importorskip("langchain_classic.retrievers.document_compressors")
+    base = vector_retriever(k=4)  # every document: the reranker picks two
+    retrieved = base.invoke(QUESTION)
+    recorder = PromptRecorder()
+    text_chain = build_chain(
+        base,
+        classic.CrossEncoderReranker(model=WordOverlap(), top_n=2),  # before
+        FakeListChatModel(responses=["Dresden."]),
+    )
+    assert text_chain.invoke(QUESTION, config={"callbacks": [recorder]}) == "Dresden."
+    (text_prompt,) = recorder.prompts
+    human = text_prompt[-1].content
+    overlap = WordOverlap().score([(QUESTION, d.page_content) for d in retrieved])
+    best = max(range(4), key=overlap.__getitem__)
+    assert retrieved[best].page_content == TEXTS[0] and TEXTS[0] in human
+    assert sum(t in human for t in TEXTS) == 2 and not contains_tag(human)
+
+    recorder.prompts.clear()
+    pisco_chain = build_chain(  # the swap: the compressor line and the llm line
+        base,
+        OscarReranker(pisco_model=oscar, top_n=2),
+        ChatPisco(pisco_model=oscar, max_tokens=4),
+    )
+    answer = pisco_chain.invoke(QUESTION, config={"callbacks": [recorder]})
+    assert isinstance(answer, str) and not contains_tag(answer)
+    (pisco_prompt,) = recorder.prompts
+    human = pisco_prompt[-1].content
+    assert not any(t in human for t in TEXTS)
+    expected = oscar.rerank(QUESTION, [d.page_content for d in retrieved], top_n=2)
+    memories = tag_memories(oscar, human)
+    assert [m.key for m in memories] == [m.key for r in expected for m in r.memories]
+    assert [m.text for m in memories] == [retrieved[r.index].page_content for r in expected]
+    assert all(m.query == QUESTION for m in memories)
+    rendered = oscar.render_prompt(  # ChatPisco read these memories in its input embeddings
+        [{"role": "system", "content": pisco_prompt[0].content}, {"role": "user", "content": human}]
+    )
+    assert [m.key for m in rendered.memories] == [m.key for m in memories]
+    assert recorder.usage[-1]["input_tokens"] == len(rendered.input_ids)
+
+
+def test_oscar_reranker_in_contextual_compression_retriever(oscar):
+    pytest.importorskip("langchain_classic")
+    retriever = compression_retriever(
+        vector_retriever(k=4), OscarReranker(pisco_model=oscar, top_n=2)
+    )
+    found = retriever.invoke(QUESTION)
+    assert len(found) == 2 and all(RELEVANCE_SCORE_KEY in d.metadata for d in found)
+    assert found[0].metadata[RELEVANCE_SCORE_KEY] >= found[1].metadata[RELEVANCE_SCORE_KEY]
+    assert [d.id for d in found] == [
+        f"doc-{TEXTS.index(d.metadata[ORIGINAL_TEXT_KEY])}" for d in found
+    ]
+    again = asyncio.run(retriever.ainvoke(QUESTION))
+    assert again == found
+    answer = build_chain(
+        vector_retriever(k=4),
+        OscarReranker(pisco_model=oscar, top_n=2),
+        ChatPisco(pisco_model=oscar, max_tokens=3),
+    )
+    text = answer.invoke(QUESTION)
+    assert "".join(answer.stream(QUESTION)) == text
+
+
 # ---------------------------------------------------------------------- byte-store bridge
-def same_weights(model: PiscoModel, store) -> PiscoModel:
-    """Another PiscoModel on the same weights (so the same fingerprint) with its own store."""
-    return PiscoModel(model.model, model.tokenizer, model.config, store=store)
-
-
 def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
     byte_store = InMemoryByteStore()
-    writer = same_weights(tiny_model, ByteStoreMemoryStore(byte_store))
-    reader = same_weights(tiny_model, ByteStoreMemoryStore(byte_store))
+    writer = tiny_model.with_store(ByteStoreMemoryStore(byte_store))
+    reader = tiny_model.with_store(ByteStoreMemoryStore(byte_store))
     assert writer.store.secret == reader.store.secret
 
     compressed = PiscoDocumentCompressor(pisco_model=writer).compress_documents(docs(), QUESTION)
@@ -445,10 +729,12 @@ def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
     assert all(k.startswith("pisco/") for k in byte_store.yield_keys())
     assert "pisco/tag_secret" in list(byte_store.yield_keys())
 
-    def no_compute(texts):
+    def no_compute(texts, queries=None):
         raise AssertionError("memories should come from the byte store")
 
-    monkeypatch.setattr(reader, "compress_texts", no_compute)
+    monkeypatch.setattr(reader, "_compress_batch", no_compute)
+    with pytest.raises(AssertionError, match="byte store"):  # the patch is in the way...
+        reader.compress(["A text that nobody compressed before."])
     again = PiscoDocumentCompressor(pisco_model=reader).compress_documents(docs(), QUESTION)
     assert [d.page_content for d in again] == [d.page_content for d in compressed]
 
@@ -463,7 +749,7 @@ def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
     with pytest.raises(TagError, match="no longer in the store"):
         ChatPisco(pisco_model=reader).invoke(prompt)
     # another namespace is another store: its own secret, so the tags of this one are foreign
-    other = same_weights(tiny_model, ByteStoreMemoryStore(byte_store, namespace="other"))
+    other = tiny_model.with_store(ByteStoreMemoryStore(byte_store, namespace="other"))
     assert other.store.secret != writer.store.secret
     with pytest.raises(TagError, match="did not mint"):
         ChatPisco(pisco_model=other).invoke(f"{compressed[1].page_content} ?")
@@ -471,9 +757,9 @@ def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
 
 def test_local_file_store_is_shared_across_processes(tiny_model, tmp_path):
     storage = pytest.importorskip("langchain_classic.storage")
-    first = same_weights(tiny_model, ByteStoreMemoryStore(storage.LocalFileStore(tmp_path)))
+    first = tiny_model.with_store(ByteStoreMemoryStore(storage.LocalFileStore(tmp_path)))
     doc = PiscoDocumentCompressor(pisco_model=first).compress_documents(docs()[:1], QUESTION)[0]
-    reopened = same_weights(tiny_model, ByteStoreMemoryStore(storage.LocalFileStore(tmp_path)))
+    reopened = tiny_model.with_store(ByteStoreMemoryStore(storage.LocalFileStore(tmp_path)))
     assert reopened.store.secret == first.store.secret
     prompt = f"{doc.page_content} {QUESTION}"
     assert (
@@ -504,7 +790,7 @@ def test_local_file_store_is_shared_across_processes(tiny_model, tmp_path):
 
 def test_byte_store_damaged_entries(tiny_model):
     byte_store = InMemoryByteStore()
-    model = same_weights(tiny_model, ByteStoreMemoryStore(byte_store))
+    model = tiny_model.with_store(ByteStoreMemoryStore(byte_store))
     memory = model.compress([TEXTS[3]])[0]
     byte_store.mset([(f"pisco/memories/{memory.key}", b"garbage")])
     with pytest.raises(CorruptMemoryError, match=memory.key):
