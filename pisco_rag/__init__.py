@@ -12,7 +12,7 @@ from .errors import (
     TagError,
 )
 from .memory import Memory, memory_key
-from .model import Completion, PiscoModel, RankedDocument
+from .model import Completion, PiscoModel, RankedDocument, TextStream
 from .stores import LRUMemoryStore, MemoryStore, SQLiteMemoryStore
 
 __version__ = "0.1.0"
@@ -34,5 +34,6 @@ __all__ = [
     "RerankingUnavailableError",
     "SQLiteMemoryStore",
     "TagError",
+    "TextStream",
     "memory_key",
 ]

@@ -862,8 +862,12 @@ class TextStream(Iterator[str]):
         return next(self._pieces)
 
     def close(self) -> None:
+        """Stop the generation; safe to call from another thread while one is reading."""
         self._cancel.set()
-        self._pieces.close()
+        try:
+            self._pieces.close()
+        except ValueError:  # "generator already executing": that reader ends at the next step
+            pass
 
     def __del__(self) -> None:
         self._cancel.set()
