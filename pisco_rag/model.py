@@ -8,6 +8,7 @@ adapters under one lock, so threads and event loops can share a model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -864,10 +865,9 @@ class TextStream(Iterator[str]):
     def close(self) -> None:
         """Stop the generation; safe to call from another thread while one is reading."""
         self._cancel.set()
-        try:
+        # "generator already executing" when another thread is reading: it ends at its next step
+        with contextlib.suppress(ValueError):
             self._pieces.close()
-        except ValueError:  # "generator already executing": that reader ends at the next step
-            pass
 
     def __del__(self) -> None:
         self._cancel.set()
