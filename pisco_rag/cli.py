@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -68,7 +69,57 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _legacy_compress(args: argparse.Namespace) -> bool:
+    """The original in-process path: one folder of text files into a SQLite store."""
+    return (
+        not args.ray
+        and args.format == "sqlite"
+        and args.dtype is None
+        and len(args.folder) == 1
+        and os.path.isdir(args.folder[0])
+    )
+
+
+def cmd_compress_corpus(args: argparse.Namespace) -> int:
+    from .corpus import ModelLoader, compress_corpus
+
+    if args.ray and args.ray_address:
+        import ray
+
+        ray.init(address=args.ray_address)
+    vectors = args.vectors if args.vectors is not None else args.format == "lance"
+    if vectors and args.format == "sqlite":
+        from .errors import PiscoInputError
+
+        raise PiscoInputError("--vectors needs --format lance or parquet")
+    result = compress_corpus(
+        args.folder,
+        args.store,
+        model=ModelLoader(args.model, backbone=args.backbone, device=args.device),
+        format=args.format,
+        dtype=args.dtype,
+        embedder="minilm" if vectors else None,
+        engine="ray" if args.ray else "local",
+        num_workers=args.workers,
+        num_gpus_per_worker=args.gpus_per_worker,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        show_progress=not args.quiet,
+    )
+    if not result.model_trained:
+        print(f"NOTE: {UNTRAINED_NOTICE}\n", file=sys.stderr)
+    print(result.summary())
+    for bad in result.bad_inputs:
+        print(f"  skipped {bad}")
+    for failure in result.failures[:20]:
+        print(f"  failed {failure}")
+    return 0 if not result.failed else 1
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    if not _legacy_compress(args):
+        return cmd_compress_corpus(args)
+    args.folder = args.folder[0]
     model = _load_model(args)
     if model.config.is_oscar:
         from .errors import PiscoInputError
@@ -129,11 +180,51 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ask)
     ask.set_defaults(func=cmd_ask)
 
-    comp = sub.add_parser("compress", help="precompute a folder's memories into a store")
-    comp.add_argument("folder")
-    comp.add_argument("--store", required=True, help="SQLite memory store file")
-    comp.add_argument("--batch-size", type=int, default=16)
+    comp = sub.add_parser(
+        "compress",
+        help="precompute the memories of a folder or corpus (text, JSONL, Parquet) into a store",
+    )
+    comp.add_argument(
+        "folder",
+        nargs="+",
+        help="folders (searched for .txt/.md/.jsonl/.parquet) or files of documents",
+    )
+    comp.add_argument(
+        "--store",
+        required=True,
+        help="output: SQLite store file (--format sqlite) or directory (parquet, lance)",
+    )
+    comp.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    comp.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data (pip install 'pisco-rag[ray]'): the current cluster, or a local one",
+    )
+    comp.add_argument("--ray-address", default=None, help="Ray cluster to join (with --ray)")
+    comp.add_argument("--workers", type=int, default=1, help="compressing actors (with --ray)")
+    comp.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (with --ray)"
+    )
+    comp.add_argument(
+        "--format",
+        choices=["sqlite", "parquet", "lance"],
+        default="sqlite",
+        help="SQLite store (default), Parquet shards, or a LanceDB table",
+    )
+    comp.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        default=None,
+        help="stored vector type (default: as computed); float16 halves the size",
+    )
+    comp.add_argument(
+        "--vectors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store MiniLM retrieval vectors beside the memories (default: on for lance)",
+    )
+    comp.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
     model_args(comp)
     comp.set_defaults(func=cmd_compress)
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -95,3 +97,62 @@ def test_speed_script_runs(tmp_path):
     # the compressed prompt is shorter than the text prompt by construction
     assert result["modes"]["pisco"]["prompt_tokens"] < result["modes"]["text"]["prompt_tokens"]
     assert out.with_suffix(".png").is_file()
+
+
+def test_store_scale_script_runs(tmp_path):
+    out = tmp_path / "store.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/store_scale.py",
+            "--tiny",
+            "--sizes",
+            "300",
+            "600",
+            "--writers",
+            "1",
+            "--repeats",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert [row["entries"] for row in result["sizes"]] == [300, 600]
+    assert set(result["sizes"][1]["sqlite"]) >= {"read_10_keys", "read_50_keys", "bytes_per_entry"}
+    effect = result["narrowed_storage_effect"]
+    assert effect["float16"]["min_cosine"] > 0.99 and effect["int8"]["min_cosine"] > 0.99
+    assert result["environment"]["command"].endswith(f"--out {out}")
+
+
+def test_ray_throughput_script_runs(tmp_path):
+    pytest.importorskip("ray.data")
+    out = tmp_path / "ray.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/ray_throughput.py",
+            "--tiny",
+            "--documents",
+            "6",
+            "--warmup-documents",
+            "0",
+            "--workers",
+            "1",
+            "--num-cpus",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["documents"] == 6 and [r["workers"] for r in result["runs"]] == [1]
+    assert result["runs"][0]["documents_per_second"] > 0
