@@ -13,7 +13,7 @@ from .errors import (
 )
 from .memory import Memory, memory_key
 from .model import Completion, PiscoModel, RankedDocument, TextStream
-from .stores import LRUMemoryStore, MemoryStore, SQLiteMemoryStore
+from .stores import LanceMemoryStore, LRUMemoryStore, MemoryStore, SQLiteMemoryStore
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "CorruptMemoryError",
     "DocumentTooLongError",
     "LRUMemoryStore",
+    "LanceMemoryStore",
     "Memory",
     "MemoryMismatchError",
     "MemoryStore",
