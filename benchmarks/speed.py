@@ -139,8 +139,10 @@ def main() -> None:
     rows = {}
     for mode in MODES:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[mode] = json.loads(out.strip().splitlines()[-1])
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"the {mode} run failed:\n{child.stderr[-3000:]}")
+        rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{mode:6s} {rows[mode]}")
     text = rows["text"]
     key = f"throughput_qps_batch{args.batch}"

@@ -1,0 +1,69 @@
+"""Print the README's results tables from the JSON files under benchmarks/results/.
+
+python benchmarks/summarize.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main() -> None:
+    speed = load("speed")
+    if speed:
+        p = speed["protocol"]
+        key = f"throughput_qps_batch{p['batch']}"
+        print(
+            f"Speed ({p['model']}, k={p['k']}, {p['new_tokens']} new tokens, greedy; "
+            f"`{speed['environment']['command']}`):\n"
+        )
+        print(
+            f"| mode | latency, batch 1 | throughput, batch {p['batch']} | prefill GFLOPs "
+            "| prompt tokens | peak RSS |"
+        )
+        print("|---|---|---|---|---|---|")
+        for mode, row in speed["modes"].items():
+            print(
+                f"| {mode} | {row['latency_ms_batch1']:.0f} ms | {row[key]:.2f} q/s | "
+                f"{row['prefill_gflops']:.1f} | {row['prompt_tokens']} | "
+                f"{row['peak_rss_mib']:.0f} MiB |"
+            )
+        ratio_key = f"throughput_batch{p['batch']}"
+        for mode, s in speed["speedup_vs_text"].items():
+            print(
+                f"\n{mode} vs text: latency x{s['latency_batch1']:.2f}, throughput "
+                f"x{s[ratio_key]:.2f}, prefill FLOPs x{s['prefill_flops']:.1f} fewer",
+                end="",
+            )
+        print("\n")
+    splice = load("splice_overhead")
+    if splice:
+        m = splice["median_seconds"]
+        print(
+            f"Splicing: {splice['k_memories']} memories in a {splice['prompt_tokens']}-token "
+            f"prompt, {splice['new_tokens']} new tokens: {m['from_memories'] * 1000:.0f} ms vs "
+            f"{m['plain_prompt'] * 1000:.0f} ms for a plain prompt of the same length "
+            f"({splice['overhead_percent']:+.1f}%); `{splice['environment']['command']}`\n"
+        )
+    cost = load("compression_cost")
+    if cost:
+        m = cost["median_seconds"]
+        print(
+            f"Compression of k={cost['k_documents']}: full backbone ({cost['backbone_layers']} "
+            f"layers) {m['pisco_full_backbone'] * 1000:.0f} ms, OSCAR "
+            f"{cost['compressor_layers']}-layer compressor with the query and head "
+            f"{m['oscar_first_layers'] * 1000:.0f} ms: ratio {cost['oscar_over_pisco']:.3f} "
+            f"(layer ratio {cost['layer_ratio']:.3f}); `{cost['environment']['command']}`\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
