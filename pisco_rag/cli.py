@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(comp)
     comp.set_defaults(func=cmd_compress)
 
+    from .training.cli import add_train_commands
+
+    add_train_commands(sub)
+
     info = sub.add_parser("info", help="model, fingerprint, device and dtype")
     model_args(info)
     info.set_defaults(func=cmd_info)

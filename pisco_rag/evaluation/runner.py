@@ -1,0 +1,276 @@
+"""One evaluation run on one backbone: text RAG against compressed RAG (and, for OSCAR models
+with a reranking head, the head's ranking against the first-stage order), as a JSON report.
+
+- ``text``: the documents read as text with the same PISCO prompt
+  (:meth:`PiscoModel.generate_from_text`; ``text_adapter="none"`` reads with the plain
+  backbone, the usual text-RAG baseline; ``"decoder"`` with the decoder adapter);
+- ``compressed``: the documents compressed into memories (OSCAR: conditioned on the question)
+  and read by the decoder.
+- ``reranking`` (OSCAR with a head, records with ``gold_index``): recall@k, nDCG@k and MRR of
+  the head's scores and of the first-stage order (``retrieval_scores`` when the records have
+  them, else their document order); with ``top_n``, also the answers from the top-n documents
+  of each order.
+
+Answer metrics are Bergen's (Match, EM, F1, Recall) against the records' ``answer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PiscoInputError
+from ..memory import Memory
+from .metrics import answer_metrics, ndcg_at_k, recall_at_k
+
+Mode = Literal["text", "compressed"]
+_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "")
+
+
+def _as_records(records: Any) -> list[dict[str, Any]]:
+    if hasattr(records, "to_list"):  # datasets.Dataset
+        records = records.to_list()
+    records = [dict(r) for r in records]
+    if not records:
+        raise PiscoInputError("records is empty: nothing to evaluate")
+    for i, r in enumerate(records):
+        if not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise PiscoInputError(f"records[{i}] has no 'question'")
+        docs = r.get("documents")
+        if not isinstance(docs, list) or not all(isinstance(d, str) and d.strip() for d in docs):
+            raise PiscoInputError(f"records[{i}]: 'documents' must be a list of non-empty strings")
+        if r.get("answer") in (None, "", []):
+            raise PiscoInputError(f"records[{i}] has no 'answer' to score against")
+    return records
+
+
+def check_eval_split(records: Sequence[dict[str, Any]], allow_train_split: bool = False) -> None:
+    """Refuse records marked ``split: train`` (they may have been trained on)."""
+    bad = [r.get("id", i) for i, r in enumerate(records) if r.get("split") == "train"]
+    if bad and not allow_train_split:
+        raise PiscoInputError(
+            f"{len(bad)} records belong to the training split (e.g. {bad[0]!r}); evaluate on "
+            "the eval split (`pisco-rag build-data --split eval`), or pass "
+            "allow_train_split=True (--allow-train-split) knowingly"
+        )
+
+
+def _prompt_tokens(model, question: str, contexts: Sequence[Memory | str]) -> int:
+    r = model.renderer
+    return len(r.render(r.pisco_turns(question, contexts, model.config.system_prompt)).input_ids)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _ranking_metrics(rankings: list[list[int]], golds: list[int], ks: Sequence[int]) -> dict:
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = _mean([recall_at_k(r, [g], k) for r, g in zip(rankings, golds)])
+        out[f"ndcg@{k}"] = _mean([ndcg_at_k(r, [g], k) for r, g in zip(rankings, golds)])
+    out["mrr"] = _mean([1 / (r.index(g) + 1) for r, g in zip(rankings, golds)])
+    return out
+
+
+def first_stage_ranking(record: dict[str, Any]) -> list[int]:
+    """Document indices by the first-stage retriever: ``retrieval_scores`` descending (ties by
+    position), or the record's document order."""
+    n = len(record["documents"])
+    scores = record.get("retrieval_scores")
+    if scores is None:
+        return list(range(n))
+    if len(scores) != n:
+        raise PiscoInputError(
+            f"record {record.get('id')!r}: retrieval_scores has {len(scores)} entries for {n} "
+            "documents"
+        )
+    return sorted(range(n), key=lambda i: (-scores[i], i))
+
+
+def evaluate_rag(
+    model,
+    records: Any,
+    *,
+    modes: Sequence[Mode] = ("text", "compressed"),
+    text_adapter: Literal["none", "decoder"] = "none",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    compress_batch_size: int = 32,
+    top_n: int | None = None,
+    ks: Sequence[int] = (1, 3, 5),
+    allow_train_split: bool = False,
+    keep_predictions: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the comparison on ``records`` (list of dicts or a ``datasets.Dataset``) and return
+    the report (see the module docstring). Compression bypasses the memory store, so timings
+    are honest."""
+    records = _as_records(records)
+    check_eval_split(records, allow_train_split)
+    unknown = [m for m in modes if m not in ("text", "compressed")]
+    if unknown or not modes:
+        raise PiscoInputError(f"modes must be drawn from 'text' and 'compressed', got {modes!r}")
+    if top_n is not None and top_n < 1:
+        raise PiscoInputError(f"top_n must be at least 1, got {top_n}")
+    questions = [r["question"] for r in records]
+    documents = [r["documents"] for r in records]
+    labels = [r["answer"] for r in records]
+    model.refresh_fingerprint()  # weights may have changed since the fingerprint was cached
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model.info(),
+        "host": {"platform": platform.platform(), "torch": torch.__version__},
+        "settings": {
+            "modes": list(modes),
+            "text_adapter": text_adapter,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "top_n": top_n,
+            "ks": list(ks),
+        },
+        "data": {
+            "n": len(records),
+            "documents_per_question": _mean([len(d) for d in documents]),
+        },
+    }
+    predictions: dict[str, list[str]] = {}
+
+    if "text" in modes:
+        start = time.perf_counter()
+        preds: list[str] = []
+        for b in tqdm(
+            range(0, len(records), batch_size), desc="text RAG", disable=not show_progress
+        ):
+            preds += model.generate_from_text(
+                questions[b : b + batch_size],
+                documents[b : b + batch_size],
+                adapter=text_adapter,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+        seconds = time.perf_counter() - start
+        predictions["text"] = preds
+        report["text"] = {
+            "metrics": answer_metrics(preds, labels),
+            "seconds": round(seconds, 3),
+            "prompt_tokens_mean": _mean(
+                [_prompt_tokens(model, q, d) for q, d in zip(questions, documents)]
+            ),
+        }
+
+    contexts: list[list[Memory]] = []
+    if "compressed" in modes or top_n is not None:
+        flat = [(i, d) for i, docs in enumerate(documents) for d in docs]
+        queries = [questions[i] for i, _ in flat] if model.config.is_oscar else None
+        start = time.perf_counter()
+        memories = model.compress(
+            [d for _, d in flat],
+            queries=queries,
+            batch_size=compress_batch_size,
+            show_progress=show_progress,
+            use_store=False,
+        )
+        compress_seconds = time.perf_counter() - start
+        doc_owner = [i for i, _ in flat]
+        doc_local = [j for docs in documents for j in range(len(docs))]
+        contexts = [[] for _ in records]
+        per_doc: list[list[list[Memory]]] = [[[] for _ in docs] for docs in documents]
+        for m in memories:
+            contexts[doc_owner[m.source_index]].append(m)
+            per_doc[doc_owner[m.source_index]][doc_local[m.source_index]].append(m)
+
+    if "compressed" in modes:
+        start = time.perf_counter()
+        preds = model.generate(
+            questions,
+            contexts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+        gen_seconds = time.perf_counter() - start
+        predictions["compressed"] = preds
+        report["compressed"] = {
+            "metrics": answer_metrics(preds, labels),
+            "seconds": round(compress_seconds + gen_seconds, 3),
+            "compress_seconds": round(compress_seconds, 3),
+            "generate_seconds": round(gen_seconds, 3),
+            "prompt_tokens_mean": _mean(
+                [_prompt_tokens(model, q, c) for q, c in zip(questions, contexts)]
+            ),
+        }
+
+    head = model.compressor is not None and model.compressor.head is not None
+    if head and contexts:
+        first = [first_stage_ranking(r) for r in records]
+        reranked = []
+        for docs in per_doc:
+            scores = [max(m.score for m in ms) for ms in docs]
+            reranked.append(sorted(range(len(docs)), key=lambda i, s=scores: (-s[i], i)))
+        section: dict[str, Any] = {}
+        gold = [r.get("gold_index") for r in records]
+        if all(g is not None for g in gold):
+            section["first_stage"] = _ranking_metrics(first, gold, ks)
+            section["oscar"] = _ranking_metrics(reranked, gold, ks)
+        else:
+            section["note"] = "records lack gold_index: no ranking metrics"
+        if top_n is not None:
+            for name, order in (("first_stage", first), ("oscar", reranked)):
+                ctx = [[m for d in o[:top_n] for m in per_doc[i][d]] for i, o in enumerate(order)]
+                preds = model.generate(
+                    questions, ctx, max_new_tokens=max_new_tokens, batch_size=batch_size
+                )
+                predictions[f"compressed_{name}_top{top_n}"] = preds
+                section[f"answers_{name}_top{top_n}"] = answer_metrics(preds, labels)
+        report["reranking"] = section
+
+    if keep_predictions:
+        report["predictions"] = [
+            {
+                "id": r.get("id", i),
+                "question": r["question"],
+                "answer": r["answer"],
+                **{mode: p[i] for mode, p in predictions.items()},
+            }
+            for i, r in enumerate(records)
+        ]
+    return report
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the report as indented JSON (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for a terminal: Match/F1 per mode, ranking metrics."""
+    lines = [f"{report['data']['n']} questions, model {report['model'].get('name')}"]
+    for mode in ("text", "compressed"):
+        if mode in report:
+            m = report[mode]["metrics"]
+            lines.append(
+                f"  {mode:<11} match={m['match']:.3f} em={m['em']:.3f} f1={m['f1']:.3f} "
+                f"({report[mode]['seconds']:.1f}s, {report[mode]['prompt_tokens_mean']:.0f} "
+                "prompt tokens)"
+            )
+    for name, value in report.get("reranking", {}).items():
+        if isinstance(value, dict):
+            shown = " ".join(f"{k}={v:.3f}" for k, v in value.items())
+            lines.append(f"  {name:<11} {shown}")
+    return "\n".join(lines)
+
+
+__all__ = ["check_eval_split", "evaluate_rag", "first_stage_ranking", "summary", "write_report"]

@@ -1,0 +1,59 @@
+"""Distillation training for PISCO / OSCAR models: data, teachers, trainer, command line.
+
+Install the extra first: ``pip install 'pisco-rag[train]'`` (``datasets``, ``accelerate``).
+The trainer is imported lazily, so reading data needs neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .data import (
+    EVAL_START,
+    build_bigbench_records,
+    load_records,
+    read_bigbench_task,
+    read_jsonl,
+    write_jsonl,
+)
+from .teacher import (
+    CrossEncoderScorer,
+    EmbeddingScorer,
+    GoldRelevanceScorer,
+    TextTeacher,
+    label_records,
+    make_scorer,
+    score_records,
+)
+
+_TRAINER = ("DistillationCollator", "PiscoTrainer", "StudentModule", "TrainConfig", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "EVAL_START",
+    "CrossEncoderScorer",
+    "DistillationCollator",
+    "EmbeddingScorer",
+    "GoldRelevanceScorer",
+    "PiscoTrainer",
+    "StudentModule",
+    "TextTeacher",
+    "TrainConfig",
+    "build_bigbench_records",
+    "label_records",
+    "load_records",
+    "make_scorer",
+    "read_bigbench_task",
+    "read_jsonl",
+    "score_records",
+    "train",
+    "write_jsonl",
+]

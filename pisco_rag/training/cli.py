@@ -1,0 +1,378 @@
+"""Command-line training and evaluation: ``pisco-rag build-data | label | score | train | eval``.
+
+:func:`add_train_commands` registers the subcommands on the ``pisco-rag`` parser; this module
+also runs on its own (``python -m pisco_rag.training.cli ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Any
+
+from ..errors import PiscoError, PiscoInputError
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+
+def _records(source: str, split: str) -> list[dict[str, Any]]:
+    from .data import load_records
+
+    return load_records(source, split=split).to_list()
+
+
+def _load_model(args: argparse.Namespace, *, for_training: bool):
+    import torch
+
+    from ..model import PiscoModel
+
+    dtype = torch.float32 if for_training else None
+    if getattr(args, "from_backbone", None):
+        return PiscoModel.from_backbone(
+            args.from_backbone,
+            compressor=args.compressor,
+            rerank_head=args.rerank_head,
+            device=args.device,
+            dtype=dtype,
+            seed=args.seed,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained-default notice: training fixes it
+        return PiscoModel.from_pretrained(
+            args.model, device=args.device, dtype=dtype, backbone=args.backbone
+        )
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_build_data(args: argparse.Namespace) -> int:
+    from .data import build_bigbench_records, default_embedder, write_jsonl
+
+    records = build_bigbench_records(
+        args.task_json,
+        args.split,
+        n_documents=args.n_documents,
+        limit=args.limit,
+        seed=args.seed,
+        pool_size=args.pool_size,
+        embedder=default_embedder(device=args.device),
+        show_progress=not args.quiet,
+    )
+    write_jsonl(records, args.out)
+    print(f"{len(records)} {args.split} records ({args.n_documents} documents each) -> {args.out}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    import torch
+
+    from .teacher import TextTeacher, label_records
+
+    teacher = TextTeacher(
+        args.teacher,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=torch.bfloat16 if args.bf16 else None,
+    )
+    stats = label_records(
+        _records(args.data, args.data_split),
+        teacher,
+        args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        show_progress=not args.quiet,
+    )
+    print(f"teacher answers: {stats['written']} written, {stats['skipped']} already in {args.out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .teacher import make_scorer, score_records
+
+    stats = score_records(
+        _records(args.data, args.data_split),
+        make_scorer(args.scorer, device=args.device),
+        args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        show_progress=not args.quiet,
+    )
+    print(f"teacher scores: {stats['written']} written, {stats['skipped']} already in {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, train
+
+    config = TrainConfig(
+        output_dir=args.output,
+        target_field=args.target,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        decoder_lr=args.decoder_lr,
+        compressor_lr=args.compressor_lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        rerank_weight=args.rerank_weight,
+        compressor_tuning=args.compressor_tuning,
+        logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps,
+        eval_generate=args.eval_generate,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        bf16=args.bf16,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        show_progress=not args.quiet,
+    )
+    resume: str | bool | None = args.resume
+    if resume == "latest":
+        resume = True
+    train_data = _records(args.data, args.data_split)
+    eval_data = _records(args.eval_data, "validation") if args.eval_data else None
+    model = _load_model(args, for_training=True)
+    result = train(model, train_data, eval_data, config, resume_from_checkpoint=resume)
+    print(
+        f"trained to step {result['global_step']} (mean loss {result['train_loss']}); "
+        f"model saved to {result['final']}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evaluation.runner import evaluate_rag, summary, write_report
+
+    records = _records(args.data, args.data_split)
+    if args.limit:
+        records = records[: args.limit]
+    model = _load_model(args, for_training=False)
+    report = evaluate_rag(
+        model,
+        records,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        text_adapter=args.text_adapter,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        top_n=args.top_n,
+        allow_train_split=args.allow_train_split,
+        keep_predictions=not args.no_predictions,
+        show_progress=not args.quiet,
+    )
+    report["data"]["source"] = str(args.data)
+    write_report(report, args.out)
+    print(summary(report))
+    print(f"report -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def add_train_commands(subparsers: Any) -> None:
+    """Register ``build-data``, ``label``, ``score``, ``train`` and ``eval`` on a
+    ``parser.add_subparsers()`` object."""
+    data_help = "JSONL file, a datasets directory (save_to_disk) or a datasets name"
+
+    def data_args(p: argparse.ArgumentParser, name: str = "data") -> None:
+        p.add_argument(name, help=data_help)
+        p.add_argument("--data-split", default="train", help="split of a datasets name/dir")
+
+    def quiet(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    bd = subparsers.add_parser(
+        "build-data",
+        help="records from bigbench contextual_parametric_knowledge_conflicts (task.json)",
+    )
+    bd.add_argument("task_json", help="path to the task's task.json (from the bigbench sdist)")
+    bd.add_argument(
+        "--split",
+        choices=["train", "eval"],
+        required=True,
+        help="train: items < 14000; eval: items >= 14000",
+    )
+    bd.add_argument("--out", required=True, help="output JSONL file")
+    bd.add_argument(
+        "--n-documents",
+        type=int,
+        default=5,
+        help="documents per question: gold + retrieved distractors (default 5)",
+    )
+    bd.add_argument("--limit", type=int, default=None, help="random sample of the split")
+    bd.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="retrieve distractors from a random sample of this many passages of the split "
+        "(default: all of them)",
+    )
+    bd.add_argument("--seed", type=int, default=0)
+    _device_args(bd)
+    quiet(bd)
+    bd.set_defaults(func=cmd_build_data)
+
+    lb = subparsers.add_parser("label", help="teacher answers (text RAG), resumable JSONL")
+    data_args(lb)
+    lb.add_argument(
+        "--teacher",
+        required=True,
+        help="causal LM: embedded:smollm2-135m-instruct, a directory or a hub id",
+    )
+    lb.add_argument("--out", required=True, help="output JSONL (appended; resumes)")
+    lb.add_argument("--batch-size", type=int, default=8)
+    lb.add_argument("--max-new-tokens", type=int, default=64)
+    lb.add_argument("--bf16", action="store_true", help="load the teacher in bfloat16")
+    lb.add_argument("--no-resume", action="store_true", help="fail if --out exists")
+    _device_args(lb)
+    quiet(lb)
+    lb.set_defaults(func=cmd_label)
+
+    sc = subparsers.add_parser("score", help="rerank-teacher scores per document (OSCAR)")
+    data_args(sc)
+    sc.add_argument(
+        "--scorer",
+        required=True,
+        help="cross-encoder:<name or path>, 'gold' (gold passage 1, others 0) or "
+        "'minilm' (bi-encoder cosine); the last two run offline",
+    )
+    sc.add_argument("--out", required=True, help="output JSONL (appended; resumes)")
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--no-resume", action="store_true", help="fail if --out exists")
+    _device_args(sc)
+    quiet(sc)
+    sc.set_defaults(func=cmd_score)
+
+    tr = subparsers.add_parser("train", help="distil a PISCO/OSCAR model (transformers Trainer)")
+    data_args(tr)
+    tr.add_argument("--eval-data", default=None, help="evaluation records (" + data_help + ")")
+    tr.add_argument("--output", required=True, help="run directory: checkpoints and final/")
+    tr.add_argument(
+        "--model",
+        default="embedded",
+        help="checkpoint to start from (default: the embedded untrained default)",
+    )
+    tr.add_argument("--backbone", default=None, help="override the checkpoint's base model")
+    tr.add_argument(
+        "--from-backbone",
+        default=None,
+        help="start a new model on this causal LM instead of --model",
+    )
+    tr.add_argument(
+        "--compressor",
+        default="pisco",
+        help="with --from-backbone: pisco, first-layers:N, or a small LM (OSCAR)",
+    )
+    tr.add_argument(
+        "--rerank-head",
+        action="store_true",
+        help="with --from-backbone and an OSCAR compressor: add the reranking head",
+    )
+    tr.add_argument(
+        "--compressor-tuning",
+        choices=["full", "lora"],
+        default="full",
+        help="OSCAR compressor: fully tuned or LoRA (default full)",
+    )
+    tr.add_argument(
+        "--target",
+        choices=["label", "answer"],
+        default=None,
+        help="what to learn (default: teacher 'label' if present, else 'answer')",
+    )
+    tr.add_argument("--max-steps", type=int, default=-1)
+    tr.add_argument("--epochs", type=float, default=1.0)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    tr.add_argument("--decoder-lr", type=float, default=1e-4)
+    tr.add_argument("--compressor-lr", type=float, default=1e-4)
+    tr.add_argument("--weight-decay", type=float, default=0.1)
+    tr.add_argument("--warmup-ratio", type=float, default=0.05)
+    tr.add_argument("--max-grad-norm", type=float, default=1.0)
+    tr.add_argument("--rerank-weight", type=float, default=0.05)
+    tr.add_argument("--logging-steps", type=int, default=10)
+    tr.add_argument("--eval-steps", type=int, default=None)
+    tr.add_argument(
+        "--eval-generate",
+        type=int,
+        default=0,
+        help="at each evaluation, also answer this many eval records (Match)",
+    )
+    tr.add_argument("--save-steps", type=int, default=500)
+    tr.add_argument("--save-total-limit", type=int, default=3)
+    tr.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on CUDA with bf16 support)",
+    )
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a checkpoint-N directory, or 'latest' in --output",
+    )
+    tr.add_argument("--seed", type=int, default=0)
+    _device_args(tr)
+    quiet(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = subparsers.add_parser(
+        "eval", help="text RAG vs compressed RAG (and OSCAR reranking) -> JSON report"
+    )
+    data_args(ev)
+    ev.add_argument("--model", default="embedded", help="checkpoint directory, hub id, embedded")
+    ev.add_argument("--backbone", default=None, help="override the checkpoint's base model")
+    ev.add_argument("--out", required=True, help="JSON report path")
+    ev.add_argument("--limit", type=int, default=None, help="first N records")
+    ev.add_argument("--modes", default="text,compressed", help="comma list: text, compressed")
+    ev.add_argument(
+        "--text-adapter",
+        choices=["none", "decoder"],
+        default="none",
+        help="text RAG reads with the plain backbone (none) or the decoder adapter",
+    )
+    ev.add_argument(
+        "--top-n",
+        type=int,
+        default=None,
+        help="OSCAR: also answer from the top-n documents of each ranking",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument(
+        "--allow-train-split",
+        action="store_true",
+        help="evaluate records marked split=train (normally refused)",
+    )
+    ev.add_argument("--no-predictions", action="store_true", help="omit per-item predictions")
+    _device_args(ev)
+    quiet(ev)
+    ev.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pisco-rag", description=__doc__)
+    add_train_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ModuleNotFoundError, PiscoError, PiscoInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["add_train_commands", "build_parser", "main"]

@@ -1,0 +1,431 @@
+"""Training: bigbench records, teachers (resumable JSONL), the distillation trainer (loss goes
+down, resume, gradient masking, OSCAR rerank term) and the command line, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_lora, tiny_backbone
+from transformers import TrainerCallback
+
+from pisco_rag import PiscoInputError, PiscoModel
+from pisco_rag.training import data as data_mod
+from pisco_rag.training.data import (
+    EVAL_START,
+    build_bigbench_records,
+    check_split,
+    load_records,
+    parse_bigbench_input,
+    read_jsonl,
+    write_jsonl,
+)
+from pisco_rag.training.teacher import (
+    CrossEncoderScorer,
+    GoldRelevanceScorer,
+    TextTeacher,
+    annotate_jsonl,
+    label_records,
+    score_records,
+)
+from pisco_rag.training.trainer import (
+    DistillationCollator,
+    StudentModule,
+    TrainConfig,
+    distillation_loss,
+    train,
+)
+
+RECORDS = [
+    {
+        "id": "r0",
+        "question": "Which river flows through Hamburg?",
+        "documents": ["The Elbe flows through Hamburg and Dresden.", "Mount Fuji is in Japan."],
+        "answer": "the Elbe",
+        "gold_index": 0,
+    },
+    {
+        "id": "r1",
+        "question": "What is the highest peak in Japan?",
+        "documents": ["Rye bread is sold at the bakery.", "Mount Fuji is the highest peak."],
+        "answer": "Mount Fuji",
+        "gold_index": 1,
+    },
+    {
+        "id": "r2",
+        "question": "What does the bakery sell?",
+        "documents": ["The bakery sells rye bread and buns.", "The Elbe is a river."],
+        "answer": "rye bread",
+        "gold_index": 0,
+    },
+    {
+        "id": "r3",
+        "question": "Who wrote Faust?",
+        "documents": ["Rye is a grain.", "Goethe wrote Faust in two parts."],
+        "answer": "Goethe",
+        "gold_index": 1,
+    },
+]
+
+
+# ---------------------------------------------------------------------- fixtures
+def pisco(seed: int = 0, path=None, scale: float = 1.0, **kwargs) -> PiscoModel:
+    """A tiny Llama PISCO model without LoRA dropout (deterministic training). ``scale``
+    multiplies the backbone's embeddings: a random tiny model's logits are all ~0 otherwise,
+    and its loss can hardly move."""
+    backbone, tok = tiny_backbone("llama", seed)
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight.mul_(scale)
+    if path is not None:
+        backbone.save_pretrained(path)
+        tok.save_pretrained(path)
+        backbone, tok = str(path), None
+    model = PiscoModel.from_backbone(
+        backbone, tok, device="cpu", seed=seed, lora_dropout=0.0, **kwargs
+    )
+    randomize_lora(model, seed + 1)
+    return model
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        batch_size=2,
+        decoder_lr=5e-3,
+        compressor_lr=5e-3,
+        logging_steps=1,
+        save_steps=100,
+        show_progress=False,
+        target_field="answer",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def hash_embedder(texts):
+    """A deterministic bag-of-words embedder (tests need no sentence model)."""
+    out = np.zeros((len(texts), 64), dtype=np.float32)
+    for row, t in enumerate(texts):
+        for w in t.lower().replace("?", " ").split():
+            out[row, zlib.crc32(w.encode()) % 64] += 1
+    return out
+
+
+def write_task(path, n: int) -> None:
+    """A task.json in the bigbench format with n examples."""
+    examples = []
+    for i in range(n):
+        name, real = f"Person{i}", f"Real{i}"
+        examples.append(
+            {
+                "input": f"\nQuestion: who founded company{i}?\nContext: {name} founded "
+                f"company{i} in year {1900 + i % 100} in town{i % 7} .",
+                "target": name,
+                "target_scores": {name: 1, real: 0},
+            }
+        )
+    path.write_text(
+        json.dumps({"name": "contextual_parametric_knowledge_conflicts", "examples": examples})
+    )
+
+
+@pytest.fixture(scope="module")
+def big_task(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "task.json"
+    write_task(path, EVAL_START + 8)
+    return path
+
+
+# ---------------------------------------------------------------------- data
+def test_parse_bigbench_input():
+    q, p = parse_bigbench_input("\nQuestion: who is x?\nContext: X is Y .\nMore text.")
+    assert q == "who is x?" and p == "X is Y .\nMore text."
+    with pytest.raises(PiscoInputError, match="format"):
+        parse_bigbench_input("no question here")
+
+
+def test_bigbench_records_respect_the_split(big_task):
+    train = build_bigbench_records(
+        big_task, "train", n_documents=4, limit=6, embedder=hash_embedder, pool_size=200
+    )
+    evals = build_bigbench_records(big_task, "eval", n_documents=4, embedder=hash_embedder)
+    assert len(train) == 6 and len(evals) == 8
+    assert all(r["index"] < EVAL_START and r["split"] == "train" for r in train)
+    assert sorted(r["index"] for r in evals) == list(range(EVAL_START, EVAL_START + 8))
+    for r in train + evals:
+        assert len(r["documents"]) == 4 and len(set(r["documents"])) == 4
+        gold = r["documents"][r["gold_index"]]
+        assert f"company{r['index']} " in gold and r["answer"] == f"Person{r['index']}"
+        assert r["original_answer"] == f"Real{r['index']}"
+        assert len(r["retrieval_scores"]) == 4
+        # distractors come from the same split only
+        for d in r["documents"]:
+            k = int(d.split("company")[1].split()[0])
+            assert (k < EVAL_START) == (r["split"] == "train")
+    again = build_bigbench_records(
+        big_task, "train", n_documents=4, limit=6, embedder=hash_embedder, pool_size=200
+    )
+    assert again == train  # seeded: same sample, same order
+    with pytest.raises(PiscoInputError, match="does not belong"):
+        check_split([EVAL_START], "train")
+    with pytest.raises(PiscoInputError, match="does not belong"):
+        check_split([3], "eval")
+
+
+def test_bigbench_records_with_minilm(tmp_path):
+    path = tmp_path / "task.json"
+    write_task(path, EVAL_START + 5)
+    records = build_bigbench_records(path, "eval", n_documents=3, limit=3, seed=1)
+    assert len(records) == 3 and all(len(r["documents"]) == 3 for r in records)
+
+
+def test_jsonl_and_datasets_loading(tmp_path):
+    path = write_jsonl(RECORDS, tmp_path / "d.jsonl")
+    assert read_jsonl(path) == RECORDS
+    ds = load_records(path)
+    assert len(ds) == 4 and ds[0]["question"] == RECORDS[0]["question"]
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_records(tmp_path / "saved")[3]["answer"] == "Goethe"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "documents": "not a list"}) + "\n")
+    with pytest.raises(PiscoInputError, match="'documents' must be a list"):
+        load_records(bad)
+    bad.write_text('{"question": "q"\n')
+    with pytest.raises(PiscoInputError, match=r"bad\.jsonl:1"):
+        load_records(bad)
+
+
+# ---------------------------------------------------------------------- teachers
+def test_annotation_is_incremental_and_resumes_after_a_crash(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    calls = []
+
+    def crashing(batch):
+        calls.append([r["id"] for r in batch])
+        if len(calls) == 2:
+            raise RuntimeError("crash")
+        return [f"answer {r['id']}" for r in batch]
+
+    with pytest.raises(RuntimeError):
+        annotate_jsonl(RECORDS, crashing, out, field="label", batch_size=2, show_progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "r1"]  # the first batch survived
+    with out.open("a") as f:
+        f.write('{"id": "r2", "question": "What')  # a line torn by the crash
+    stats = annotate_jsonl(
+        RECORDS,
+        lambda b: [f"answer {r['id']}" for r in b],
+        out,
+        field="label",
+        batch_size=2,
+        show_progress=False,
+    )
+    assert stats == {"written": 2, "skipped": 2}
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3"]
+    assert rows[3]["label"] == "answer r3" and rows[3]["documents"] == RECORDS[3]["documents"]
+    with pytest.raises(PiscoInputError, match="exists"):
+        annotate_jsonl(RECORDS, crashing, out, field="label", resume=False, show_progress=False)
+
+
+def test_text_teacher_labels_records(tmp_path):
+    backbone, tok = tiny_backbone("llama", 0)
+    teacher = TextTeacher(backbone, tok, max_new_tokens=3, device="cpu")
+    stats = label_records(
+        RECORDS[:3], teacher, tmp_path / "l.jsonl", batch_size=2, show_progress=False
+    )
+    assert stats["written"] == 3
+    labels = [r["label"] for r in read_jsonl(tmp_path / "l.jsonl")]
+    # batched, left-padded generation gives the same answers as one at a time
+    assert labels[2] == teacher([RECORDS[2]["question"]], [RECORDS[2]["documents"]])[0]
+
+
+def test_rerank_teacher_scores(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pisco_rag.documents import minilm_path
+
+    assert GoldRelevanceScorer()(RECORDS[:2]) == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(PiscoInputError, match="gold_index"):
+        GoldRelevanceScorer()([{"question": "q", "documents": ["d"]}])
+    # a tiny cross-encoder saved locally stands for any sentence-transformers CrossEncoder
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "ce")
+    tok.save_pretrained(tmp_path / "ce")
+    scorer = CrossEncoderScorer(str(tmp_path / "ce"), device="cpu")
+    score_records(RECORDS, scorer, tmp_path / "s.jsonl", batch_size=3, show_progress=False)
+    rows = read_jsonl(tmp_path / "s.jsonl")
+    assert [len(r["teacher_scores"]) for r in rows] == [2, 2, 2, 2]
+    direct = scorer.model.predict([(RECORDS[1]["question"], d) for d in RECORDS[1]["documents"]])
+    assert rows[1]["teacher_scores"] == pytest.approx([float(x) for x in direct], abs=1e-5)
+
+
+# ---------------------------------------------------------------------- the student
+def test_training_prompt_is_the_inference_prompt():
+    model = pisco()
+    collator = DistillationCollator(model, "answer")
+    rec = RECORDS[0]
+    memories = model.compress(rec["documents"])
+    (prompt,) = model._pisco_prompts([rec["question"]], [memories])
+    batch = collator([rec, RECORDS[3]])
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    answer = model.tokenizer(rec["answer"], add_special_tokens=False)["input_ids"]
+    assert row == prompt.input_ids + answer + [model.tokenizer.eos_token_id]
+    labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labels == [*answer, model.tokenizer.eos_token_id]  # loss on answer tokens only
+    # the differentiable compression gives the inference memories
+    student = StudentModule(model).eval()
+    with torch.no_grad():
+        vectors, _ = student.compress(batch["enc_input_ids"], batch["enc_attention_mask"])
+    expected = torch.stack([m.vectors for m in memories])
+    assert torch.allclose(vectors[:2], expected, atol=1e-5)
+
+
+def test_a_few_steps_lower_the_loss_and_only_train_what_they_should(tmp_path):
+    model = pisco(path=tmp_path / "backbone", scale=20)
+    emb = model.model.get_input_embeddings().weight
+    before = distillation_loss(model, RECORDS)["loss"]
+    emb0 = emb.detach().clone()
+    base0 = model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    lora = dict(model.model.named_parameters())
+    enc_key = next(k for k in lora if "lora_B.encoder_adapter" in k)
+    dec_key = next(k for k in lora if "lora_B.decoder_adapter" in k)
+    enc0, dec0 = lora[enc_key].detach().clone(), lora[dec_key].detach().clone()
+    fp0 = model.fingerprint
+
+    result = train(
+        model, RECORDS, config=config(tmp_path, max_steps=8, decoder_lr=2e-2, compressor_lr=2e-2)
+    )
+    after = distillation_loss(model, RECORDS)["loss"]
+    assert after < before - 0.5, (before, after)
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+    changed = (emb.detach() != emb0).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(model._added_token_ids())  # gradient mask held
+    assert torch.equal(model.model.model.layers[0].self_attn.q_proj.base_layer.weight, base0)
+    assert not torch.equal(lora[enc_key], enc0) and not torch.equal(lora[dec_key], dec0)
+    assert model.fingerprint != fp0 and not model.model.training
+    # the native checkpoint reloads to the same weights
+    reloaded = PiscoModel.from_pretrained(result["final"], device="cpu")
+    assert reloaded.config.trained
+    assert distillation_loss(reloaded, RECORDS)["loss"] == pytest.approx(after, abs=1e-4)
+
+
+def test_training_refuses_eval_split_records(tiny_model, tmp_path):
+    with pytest.raises(PiscoInputError, match="evaluation split"):
+        train(tiny_model, [dict(RECORDS[0], split="eval")], output_dir=str(tmp_path))
+
+
+class StepRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    full = pisco()
+    cfg = config(tmp_path, max_steps=4, save_steps=2)
+    train(full, RECORDS, config=cfg)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "trainable.safetensors").is_file()
+    assert (checkpoint / "optimizer.pt").is_file()
+    assert json.loads((checkpoint / "config.json").read_text())["trained"] is True
+
+    resumed = pisco()  # a fresh model: the checkpoint restores the weights
+    recorder = StepRecorder()
+    cfg2 = config(tmp_path, max_steps=4, save_steps=2, output_dir=str(tmp_path / "run2"))
+    out = train(
+        resumed, RECORDS, config=cfg2, resume_from_checkpoint=str(checkpoint), callbacks=[recorder]
+    )
+    assert recorder.steps == [3, 4] and out["global_step"] == 4
+    a = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        assert torch.allclose(p, a[name], atol=1e-5), name  # same as the uninterrupted run
+    with pytest.raises(PiscoInputError, match=r"trainable\.safetensors"):
+        train(
+            resumed, RECORDS, config=cfg2, resume_from_checkpoint=str(tmp_path / "run2" / "final")
+        )
+
+
+def oscar(seed: int = 0) -> PiscoModel:
+    return pisco(seed, compressor="first-layers:1", rerank_head=True)
+
+
+def test_oscar_rerank_distillation_term():
+    model = oscar()
+    recs = [dict(r, teacher_scores=[2.0, -1.0]) for r in RECORDS[:2]]
+    batch = DistillationCollator(model, "answer")(recs)
+    student = StudentModule(model, rerank_weight=0.05).eval()
+    for p in model.compressor.parameters():
+        p.requires_grad_(True)
+    out = student(**batch)
+    assert "rerank_loss" in out
+    total = float(out["ce_loss"] + 0.05 * out["rerank_loss"])
+    assert float(out["loss"].detach()) == pytest.approx(total)
+    with torch.no_grad():  # the term is the L2 distance of head scores to teacher scores
+        _, scores = model.compressor(batch["enc_input_ids"], batch["enc_attention_mask"])
+    expected = ((scores - torch.tensor([2.0, -1.0, 2.0, -1.0])) ** 2).mean()
+    assert float(out["rerank_loss"]) == pytest.approx(float(expected), rel=1e-4)
+    out["loss"].backward()
+    assert model.compressor.head.weight.grad is not None
+    assert model.compressor.head.weight.grad.abs().sum() > 0
+    plain = student(**DistillationCollator(model, "answer")(RECORDS[:2]))
+    assert "rerank_loss" not in plain and torch.equal(plain["loss"], plain["ce_loss"])
+
+
+def test_oscar_lora_compressor_trains_and_saves(tmp_path):
+    model = pisco(compressor="first-layers:1", rerank_head=True, path=tmp_path / "bb")
+    recs = [
+        dict(r, teacher_scores=[1.0 if i == r["gold_index"] else 0.0 for i in range(2)])
+        for r in RECORDS
+    ]
+    head0 = model.compressor.head.weight.detach().clone()
+    result = train(model, recs, config=config(tmp_path, max_steps=2, compressor_tuning="lora"))
+    assert any("rerank_loss" in h for h in result["log_history"])
+    assert not torch.equal(model.compressor.head.weight, head0)
+    loss = distillation_loss(model, recs)
+    reloaded = PiscoModel.from_pretrained(result["final"], device="cpu")
+    assert distillation_loss(reloaded, recs)["loss"] == pytest.approx(loss["loss"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_build_train_eval(tmp_path, monkeypatch):
+    from pisco_rag.training.cli import main
+
+    def run(command: str) -> int:
+        return main(command.format(d=tmp_path).split())
+
+    write_task(tmp_path / "task.json", EVAL_START + 4)
+    monkeypatch.setattr(data_mod, "default_embedder", lambda **kw: hash_embedder)
+    build = "build-data {d}/task.json --n-documents 2 --quiet"
+    assert run(build + " --split train --limit 4 --pool-size 50 --out {d}/train.jsonl") == 0
+    assert run(build + " --split eval --out {d}/eval.jsonl") == 0
+    backbone, tok = tiny_backbone("llama", 0)
+    backbone.save_pretrained(tmp_path / "bb")
+    tok.save_pretrained(tmp_path / "bb")
+    train_cmd = (
+        "train {d}/train.jsonl --from-backbone {d}/bb --output {d}/run --max-steps 2 "
+        "--batch-size 2 --device cpu --quiet --eval-data {d}/eval.jsonl --eval-steps 2 "
+        "--eval-generate 2"
+    )
+    assert run(train_cmd) == 0
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert any("eval_loss" in h for h in log) and any("eval_match" in h for h in log)
+    evaluate = "eval {d}/%s --model {d}/run/final --max-new-tokens 3 --device cpu --quiet"
+    assert run(evaluate % "eval.jsonl" + " --out {d}/report.json") == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"]["n"] == 4 and {"text", "compressed"} <= set(report)
+    assert run(evaluate % "train.jsonl" + " --out {d}/r2.json") == 2  # training records refused
+    assert run(train_cmd.replace("train.jsonl", "eval.jsonl")) == 2  # eval records refused
