@@ -29,6 +29,24 @@ def environment() -> dict:
     }
 
 
+def tiny_backbone():
+    """(2-layer random Llama, SmolLM2 tokenizer) for smoke tests."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pisco_rag.defaults import embedded_backbone_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config), tok
+
+
 def load_model(tiny: bool, device: str | None, compressor: str = "pisco", **kwargs):
     """A PiscoModel on SmolLM2-135M (the embedded default for PISCO, an untrained OSCAR model
     otherwise), or (``tiny``) on a 2-layer random model for smoke tests."""
@@ -38,22 +56,10 @@ def load_model(tiny: bool, device: str | None, compressor: str = "pisco", **kwar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if tiny:
-            from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-            from pisco_rag.defaults import embedded_backbone_dir
-
-            tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
-            cfg = LlamaConfig(
-                vocab_size=len(tok),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
+            backbone, tok = tiny_backbone()
             compressor = "first-layers:1" if compressor != "pisco" else compressor
             return PiscoModel.from_backbone(
-                LlamaForCausalLM(cfg), tok, device=device or "cpu", compressor=compressor, **kwargs
+                backbone, tok, device=device or "cpu", compressor=compressor, **kwargs
             )
         if compressor == "pisco":
             return PiscoModel.from_pretrained("embedded", device=device)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, environment, write
+from _common import RESULTS, environment, tiny_backbone, write
 
 from pisco_rag.corpus import ModelLoader, compress_corpus
 
@@ -50,21 +50,10 @@ def corpus(folder: Path, n: int, shards: int = 8) -> list[str]:
 
 def tiny_checkpoint(work: Path) -> Path:
     """A tiny random PISCO model saved in the native format, its backbone beside it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from pisco_rag import PiscoModel
-    from pisco_rag.defaults import embedded_backbone_dir
 
-    tok = AutoTokenizer.from_pretrained(embedded_backbone_dir("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(work / "backbone")
+    backbone, tok = tiny_backbone()
+    backbone.save_pretrained(work / "backbone")
     tok.save_pretrained(work / "backbone")
     PiscoModel.from_backbone(str(work / "backbone"), device="cpu").save_pretrained(work / "ckpt")
     return work / "ckpt"
