@@ -75,6 +75,11 @@ def tiny_pisco(arch: str = "llama", seed: int = 0, **kwargs) -> PiscoModel:
     return model
 
 
+def tiny_oscar(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
+    """A tiny random OSCAR model (first-layer compressor), with a reranking head by default."""
+    return tiny_pisco("llama", seed, compressor="first-layers:1", rerank_head=rerank_head)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> PiscoModel:
     """A tiny random Llama-family PISCO model (adapters randomised)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import LONG_TEXT, randomize_lora, tiny_backbone, tiny_pisco
+from conftest import LONG_TEXT, tiny_oscar, tiny_pisco
 from langchain_core.callbacks import BaseCallbackHandler, Callbacks
 from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.documents import BaseDocumentCompressor, Document
@@ -523,24 +523,9 @@ def test_tiny_chain_sync_async_stream_batch(tiny_model):
 
 
 # ---------------------------------------------------------------------- OSCAR
-def oscar_pisco(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
-    """A tiny random OSCAR model (first backbone layer as the query-dependent compressor)."""
-    backbone, tok = tiny_backbone("llama", seed)
-    model = PiscoModel.from_backbone(
-        backbone,
-        tok,
-        compressor="first-layers:1",
-        rerank_head=rerank_head,
-        device="cpu",
-        seed=seed,
-    )
-    randomize_lora(model, seed + 1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def oscar() -> PiscoModel:
-    return oscar_pisco()
+    return tiny_oscar()
 
 
 def tag_memories(model: PiscoModel, page_content: str) -> list[Memory]:
@@ -628,7 +613,7 @@ def test_oscar_reranker_top_n_async_and_edge_cases(oscar):
 def test_oscar_reranker_errors(oscar, tiny_model):
     with pytest.raises(RerankingUnavailableError, match=r"PISCO model.*PiscoDocumentCompressor"):
         OscarReranker(pisco_model=tiny_model)
-    headless = oscar_pisco(rerank_head=False, seed=8)
+    headless = tiny_oscar(rerank_head=False, seed=8)
     with pytest.raises(RerankingUnavailableError, match=r"without one.*rerank_head=True"):
         OscarReranker(pisco_model=headless)
     with pytest.raises(ValidationError):

@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import LONG_TEXT, randomize_lora, tiny_backbone
+from conftest import LONG_TEXT, tiny_backbone, tiny_oscar
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -581,24 +581,9 @@ def test_pisco_sentence_splitter_makes_one_memory_per_node(tiny_model):
 
 
 # ---------------------------------------------------------------------- OscarReranker
-def oscar_model(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
-    """A tiny random OSCAR model (first-layer compressor), with a reranking head by default."""
-    backbone, tok = tiny_backbone("llama", seed)
-    model = PiscoModel.from_backbone(
-        backbone,
-        tok,
-        compressor="first-layers:1",
-        rerank_head=rerank_head,
-        device="cpu",
-        seed=seed,
-    )
-    randomize_lora(model, seed + 1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def oscar() -> PiscoModel:
-    return oscar_model()
+    return tiny_oscar()
 
 
 def rerank_nodes() -> list[TextNode]:
@@ -799,7 +784,7 @@ def test_reranker_errors(oscar, tiny_model):
         RerankingUnavailableError, match=r"needs an OSCAR model.*PISCO model.*PiscoCompressor"
     ):
         OscarReranker(tiny_model)
-    headless = oscar_model(rerank_head=False, seed=8)
+    headless = tiny_oscar(rerank_head=False, seed=8)
     with pytest.raises(RerankingUnavailableError, match=r"needs a reranking head.*rerank_head"):
         OscarReranker(headless)
     with pytest.raises(PiscoInputError, match=r"needs a pisco_rag\.PiscoModel"):
@@ -925,8 +910,7 @@ def test_quickstart_notebook_runs():
     assert "Elbe: " + TEXTS["elbe"] in outputs  # the top source, shown as text
 
 
-def test_pisco_compressor_uses_the_query_with_an_oscar_model():
-    from conftest import tiny_backbone
+def test_pisco_compressor_uses_the_query_with_an_tiny_oscar():
     from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
     from llama_index_pisco import PiscoCompressor
