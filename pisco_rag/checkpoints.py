@@ -138,22 +138,23 @@ def save_native(
     adapters: dict[str, dict[str, torch.Tensor]],
     embeddings: dict[str, torch.Tensor],
     compressor: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous().cpu()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
     directory.mkdir(parents=True, exist_ok=True)
     if compressor is not None:
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in compressor.items()},
+            {k: plain(v) for k, v in compressor.items()},
             directory / "compressor.safetensors",
             metadata={"format": "pt"},
         )
-    flat = {
-        f"{name}.{key}": t.detach().contiguous().cpu()
-        for name, sd in adapters.items()
-        for key, t in sd.items()
-    }
+    flat = {f"{name}.{key}": plain(t) for name, sd in adapters.items() for key, t in sd.items()}
     save_file(flat, directory / "adapters.safetensors", metadata={"format": "pt"})
     save_file(
-        {k: v.detach().contiguous().cpu() for k, v in embeddings.items()},
+        {k: plain(v) for k, v in embeddings.items()},
         directory / "embeddings.safetensors",
         metadata={"format": "pt"},
     )

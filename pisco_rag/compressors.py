@@ -150,6 +150,7 @@ def build_compressor(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     lora_weights: dict[str, torch.Tensor] | None = None,
+    token_rows: dict[str, torch.Tensor] | None = None,
     local_files_only: bool = False,
 ) -> QueryCompressor:
     """The OSCAR compressor a :class:`PiscoConfig` describes.
@@ -157,7 +158,8 @@ def build_compressor(
     ``backbone`` and ``backbone_tokenizer`` are the decoder's, before its special tokens are
     added. ``weights`` (keys ``body.*``, ``connector.*``, ``head.*``) replace the initial
     values; ``lora_weights`` is a LoRA adapter of the body, merged into it (naver checkpoints
-    whose compressor was LoRA-tuned).
+    whose compressor was LoRA-tuned, or compact native ones); ``token_rows`` (``ids``,
+    ``values``) are the body's embedding rows of the added tokens (compact native ones).
     """
     import copy
 
@@ -181,6 +183,10 @@ def build_compressor(
     body.resize_token_embeddings(len(tokenizer))
     if lora_weights is not None:
         body = _merge_lora(body, lora_weights, config.compressor_lora_r or config.lora_r)
+    if token_rows is not None:
+        table = body.get_input_embeddings().weight
+        with torch.no_grad():
+            table[token_rows["ids"].long()] = token_rows["values"].to(table.dtype)
     compressor = QueryCompressor(
         body,
         tokenizer,
@@ -211,6 +217,43 @@ def _merge_lora(body: nn.Module, adapter: dict[str, torch.Tensor], r: int) -> nn
     if [k for k in result.unexpected_keys if "lora_" in k]:
         raise ValueError(f"the compressor adapter does not fit ({result.unexpected_keys[:3]})")
     return wrapped.merge_and_unload()
+
+
+def compact_compressor_state(
+    compressor: QueryCompressor,
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """What a native checkpoint stores of an OSCAR compressor, and its LoRA rank (or None).
+
+    A first-layers compressor LoRA-tuned in training (its body a peft model) is stored by
+    reference, like the decoder: LoRA factors (``lora.*``), the embedding rows of its added
+    tokens (``token_rows.*``) and the non-body weights; loading copies the backbone's first
+    layers again and merges the factors. Any other compressor is stored whole.
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+
+    body = compressor.body
+    if compressor.kind != "first-layers" or not isinstance(body, PeftModel):
+        return compressor.state_dict(), None
+    lora = get_peft_model_state_dict(body, save_embedding_layers=False)
+    out = {f"lora.{k.removeprefix('base_model.model.')}": v for k, v in lora.items()}
+    out.update({k: v for k, v in compressor.state_dict().items() if not k.startswith("body.")})
+    ids = [*compressor.mem_token_ids]
+    if compressor.rerank_token_id is not None:
+        ids.append(compressor.rerank_token_id)
+    index = torch.tensor(ids, dtype=torch.long)
+    out["token_rows.ids"] = index
+    out["token_rows.values"] = body.get_input_embeddings().weight[index].detach()
+    return out, int(body.peft_config["default"].r)
+
+
+def split_compact_compressor_state(
+    weights: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """(weights, lora_weights, token_rows) of a stored compressor (see compact_compressor_state)."""
+    lora = {k[5:]: v for k, v in weights.items() if k.startswith("lora.")}
+    rows = {k[11:]: v for k, v in weights.items() if k.startswith("token_rows.")}
+    rest = {k: v for k, v in weights.items() if not k.startswith(("lora.", "token_rows."))}
+    return rest, lora or None, rows or None
 
 
 def naver_compressor_weights(

@@ -35,7 +35,9 @@ from .chunking import chunk_text, count_tokens
 from .compressors import (
     QueryCompressor,
     build_compressor,
+    compact_compressor_state,
     naver_compressor_weights,
+    split_compact_compressor_state,
     strip_adapter_prefix,
 )
 from .config import LongDocumentPolicy, PiscoConfig
@@ -197,7 +199,7 @@ class PiscoModel:
             return load_embedded(device=device, dtype=dtype, store=store)
         directory = checkpoints.resolve_checkpoint(name_or_path, local_files_only=local_files_only)
         kind = checkpoints.checkpoint_kind(directory)
-        lora_weights = compressor_weights = None
+        lora_weights = compressor_weights = token_rows = None
         if kind == "naver":
             raw, first_last, adapters = checkpoints.read_naver(directory)
             config = PiscoConfig.from_naver(raw, name=str(name_or_path))
@@ -214,6 +216,10 @@ class PiscoModel:
             raw, adapters, embeddings = checkpoints.read_native(directory)
             config = PiscoConfig.from_dict(raw)
             compressor_weights = checkpoints.read_native_compressor(directory, config.is_oscar)
+            if compressor_weights is not None:
+                compressor_weights, lora_weights, token_rows = split_compact_compressor_state(
+                    compressor_weights
+                )
         if backbone is not None:
             if config.compressor_model == config.backbone:
                 config.compressor_model = backbone
@@ -231,6 +237,7 @@ class PiscoModel:
                     tokenizer,
                     weights=compressor_weights,
                     lora_weights=lora_weights,
+                    token_rows=token_rows,
                     local_files_only=local_files_only,
                 )
             except ValueError as e:
@@ -257,20 +264,23 @@ class PiscoModel:
                 module.eval()
         return cls(model, tokenizer, config, compressor=compressor, store=store)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Save in the native format: config.json and safetensors, base weights by reference."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Save in the native format: config.json and safetensors, base weights by reference
+        (a LoRA-tuned first-layers compressor too). ``dtype`` (e.g. ``torch.float16``) casts
+        the stored floating-point weights, to ship small files."""
         with self._lock:
             adapters = {
                 name: _lora_only(self.model.get_adapter_state_dict(name))
                 for name in _adapter_names(self.config)
             }
-        compressor = self.compressor.state_dict() if self.compressor is not None else None
+        config = self.config.to_dict()
+        compressor = None
+        if self.compressor is not None:
+            compressor, lora_r = compact_compressor_state(self.compressor)
+            if lora_r is not None:
+                config["compressor_lora_r"] = lora_r
         checkpoints.save_native(
-            Path(path),
-            self.config.to_dict(),
-            adapters,
-            self._changed_embedding_rows(),
-            compressor,
+            Path(path), config, adapters, self._changed_embedding_rows(), compressor, dtype=dtype
         )
 
     def _changed_embedding_rows(self) -> dict[str, torch.Tensor]:

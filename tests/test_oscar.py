@@ -154,6 +154,46 @@ def test_native_round_trip_with_head(tmp_path):
     assert loaded.generate([QUERY], [again[0].memories], max_new_tokens=5) == answer
 
 
+def test_lora_tuned_compressor_is_saved_by_reference_and_in_half_precision(tmp_path):
+    from safetensors.torch import load_file
+
+    from pisco_rag.training.trainer import add_compressor_lora
+
+    oscar = oscar_model(seed=3, path=tmp_path / "base")
+    add_compressor_lora(oscar)  # as training with compressor_tuning="lora" leaves it
+    oscar.compressor.eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in oscar.compressor.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        rows = oscar.compressor.body.get_input_embeddings().weight
+        rows[oscar.compressor.mem_token_ids] += 0.5  # trained memory-token rows
+    ranked = oscar.rerank(QUERY, DOCS)
+
+    oscar.save_pretrained(tmp_path / "ckpt")
+    stored = load_file(tmp_path / "ckpt" / "compressor.safetensors")
+    assert not [k for k in stored if k.startswith("body.")]  # base layers by reference
+    assert any(k.startswith("lora.") for k in stored) and "token_rows.values" in stored
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.config.compressor_lora_r == oscar.config.lora_r
+    again = loaded.rerank(QUERY, DOCS)
+    assert [r.index for r in again] == [r.index for r in ranked]
+    for a, b in zip(ranked, again, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        torch.testing.assert_close(a.memories[0].vectors, b.memories[0].vectors, atol=1e-4, rtol=0)
+
+    oscar.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    for name in ("adapters", "compressor", "embeddings"):
+        full = (tmp_path / "ckpt" / f"{name}.safetensors").stat().st_size
+        assert (tmp_path / "half" / f"{name}.safetensors").stat().st_size < 0.6 * full
+    half = PiscoModel.from_pretrained(tmp_path / "half", device="cpu")
+    assert half.dtype == torch.float32
+    halved = half.rerank(QUERY, DOCS)
+    for a, b in zip(ranked, halved, strict=True):
+        torch.testing.assert_close(a.memories[0].vectors, b.memories[0].vectors, atol=2e-2, rtol=0)
+
+
 def test_first_layers_compressor_costs_a_fraction():
     backbone, tok = tiny_backbone("llama")
     n_layers = backbone.config.num_hidden_layers

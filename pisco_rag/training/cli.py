@@ -36,6 +36,7 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
             args.from_backbone,
             compressor=args.compressor,
             rerank_head=args.rerank_head,
+            lora_r=args.lora_r,
             device=args.device,
             dtype=dtype,
             seed=args.seed,
@@ -270,6 +271,12 @@ def add_train_commands(subparsers: Any) -> None:
         "--rerank-head",
         action="store_true",
         help="with --from-backbone and an OSCAR compressor: add the reranking head",
+    )
+    tr.add_argument(
+        "--lora-r",
+        type=int,
+        default=16,
+        help="with --from-backbone: LoRA rank of the new adapters (alpha = 2 x rank)",
     )
     tr.add_argument(
         "--compressor-tuning",
