@@ -68,6 +68,20 @@ def load_model(tiny: bool, device: str | None, compressor: str = "pisco", **kwar
         )
 
 
+def subset_documents(rec: dict, n: int) -> dict:
+    """The gold passage plus the n-1 best-retrieved distractors, in the record's order."""
+    docs = rec["documents"]
+    if n >= len(docs) or rec.get("gold_index") is None:
+        return rec
+    gold = rec["gold_index"]
+    scores = rec.get("retrieval_scores") or [0.0] * len(docs)
+    others = sorted((i for i in range(len(docs)) if i != gold), key=lambda i: -scores[i])
+    keep = sorted([gold, *others[: n - 1]])
+    out = dict(rec, documents=[docs[i] for i in keep], gold_index=keep.index(gold))
+    out["retrieval_scores"] = [scores[i] for i in keep]
+    return out
+
+
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

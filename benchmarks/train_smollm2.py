@@ -23,22 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from _common import RESULTS, environment, write
+from _common import RESULTS, environment, subset_documents, write
 from transformers import TrainerCallback
-
-
-def subset_documents(rec: dict, n: int) -> dict:
-    """The gold passage plus the n-1 best-retrieved distractors, in the record's order."""
-    docs = rec["documents"]
-    if n >= len(docs) or rec.get("gold_index") is None:
-        return rec
-    gold = rec["gold_index"]
-    scores = rec.get("retrieval_scores") or [0.0] * len(docs)
-    others = sorted((i for i in range(len(docs)) if i != gold), key=lambda i: -scores[i])
-    keep = sorted([gold, *others[: n - 1]])
-    out = dict(rec, documents=[docs[i] for i in keep], gold_index=keep.index(gold))
-    out["retrieval_scores"] = [scores[i] for i in keep]
-    return out
 
 
 class TimeLimit(TrainerCallback):

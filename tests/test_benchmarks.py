@@ -156,3 +156,67 @@ def test_ray_throughput_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["documents"] == 6 and [r["workers"] for r in result["runs"]] == [1]
     assert result["runs"][0]["documents_per_second"] > 0
+
+
+def eval_records(path: Path, n: int = 3) -> Path:
+    """A tiny evaluation file in the layout of ``pisco-rag build-data``."""
+    with path.open("w") as f:
+        for i in range(n):
+            docs = [f"Passage {j} about river number {i}." for j in range(3)]
+            record = {
+                "id": f"eval-{i}",
+                "split": "eval",
+                "question": f"Which river is number {i}?",
+                "documents": docs,
+                "gold_index": i % 3,
+                "retrieval_scores": [0.5, 0.4, 0.3],
+                "answer": f"river {i}",
+            }
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def run_script(*args: str) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+
+def test_quality_script_runs(tmp_path):
+    out = tmp_path / "quality.json"
+    data = eval_records(tmp_path / "eval.jsonl")
+    run_script(
+        "benchmarks/quality.py",
+        "--tiny",
+        "--eval",
+        str(data),
+        "--ks",
+        "1",
+        "2",
+        "--prompt-k",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out),
+    )
+    result = json.loads(out.read_text())
+    assert set(result["by_k"]) == {"1", "2"}
+    for rows in result["by_k"].values():
+        assert {"text", "pisco", "oscar"} <= set(rows)
+        assert 0.0 <= rows["pisco"]["metrics"]["match"] <= 1.0
+    assert set(result["prompts"]) == {"pisco_prompt", "llamaindex_default_prompt"}
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_reranking_script_runs(tmp_path):
+    out = tmp_path / "reranking.json"
+    data = eval_records(tmp_path / "eval.jsonl", n=4)
+    run_script("benchmarks/reranking.py", "--tiny", "--eval", str(data), "--out", str(out))
+    rankers = json.loads(out.read_text())["rankers"]
+    # retrieval_scores put document 0 first; the gold passages are 0, 1, 2, 0
+    assert rankers["minilm_first_stage"]["metrics"]["recall@1"] == 0.5
+    assert rankers["minilm_first_stage"]["metrics"]["mrr"] == pytest.approx(
+        (1 + 1 / 2 + 1 / 3 + 1) / 4
+    )
+    assert 0.0 <= rankers["oscar_head"]["metrics"]["ndcg@5"] <= 1.0
+    assert "metrics" not in rankers["cross_encoder"]
+    assert (tmp_path / "reranking.png").stat().st_size > 0

@@ -73,7 +73,9 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _ranking_metrics(rankings: list[list[int]], golds: list[int], ks: Sequence[int]) -> dict:
+def ranking_metrics(rankings: list[list[int]], golds: list[int], ks: Sequence[int]) -> dict:
+    """recall@k and nDCG@k for each k, and MRR, of rankings (document indices, best first)
+    against one relevant document each."""
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall@{k}"] = _mean([recall_at_k(r, [g], k) for r, g in zip(rankings, golds)])
@@ -220,8 +222,8 @@ def evaluate_rag(
         section: dict[str, Any] = {}
         gold = [r.get("gold_index") for r in records]
         if all(g is not None for g in gold):
-            section["first_stage"] = _ranking_metrics(first, gold, ks)
-            section["oscar"] = _ranking_metrics(reranked, gold, ks)
+            section["first_stage"] = ranking_metrics(first, gold, ks)
+            section["oscar"] = ranking_metrics(reranked, gold, ks)
         else:
             section["note"] = "records lack gold_index: no ranking metrics"
         if top_n is not None:
