@@ -52,11 +52,11 @@ def run_mode(args: argparse.Namespace) -> dict:
         )
     else:
         model = load_model(args.tiny, args.device)
-    gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
     question = "Which harbour was rebuilt after the storm?"
 
-    def answer(batch: int, k: int, offset: int = 0) -> None:
-        docs = [documents(model, k, offset + 1000 * b) for b in range(batch)]
+    def answer(batch: int, k: int, new_tokens: int = args.new_tokens) -> None:
+        gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        docs = [documents(model, k, 1000 * b) for b in range(batch)]
         qs = [question] * batch
         if mode == "text":
             model.generate_from_text(qs, docs, batch_size=batch, **gen)
@@ -78,14 +78,15 @@ def run_mode(args: argparse.Namespace) -> dict:
                 docs = documents(model, k, 1000 * b)
                 memories[tuple(docs)] = model.compress(docs, use_store=False)
 
-    def timed(batch: int, k: int) -> float:
+    def timed(batch: int, k: int, new_tokens: int = args.new_tokens) -> float:
         t = time.perf_counter()
-        answer(batch, k)
+        answer(batch, k, new_tokens)
         return time.perf_counter() - t
 
     with torch.inference_mode():
         timed(1, args.k)  # warm-up
         latency = statistics.median(timed(1, args.k) for _ in range(args.repeats))
+        first_token = statistics.median(timed(1, args.k, 1) for _ in range(args.repeats))
         batch_time = statistics.median(timed(args.batch, args.k) for _ in range(args.repeats))
         scaling = {
             str(k): statistics.median(timed(1, k) for _ in range(max(1, args.repeats // 2)))
@@ -95,6 +96,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     return {
         "mode": mode,
         "latency_ms_batch1": 1000 * latency,
+        "profile_batch1": {  # where the latency goes
+            "to_first_token_ms": 1000 * first_token,  # compression (OSCAR) + prefill
+            "decode_ms_per_token": 1000 * (latency - first_token) / max(args.new_tokens - 1, 1),
+        },
         f"throughput_qps_batch{args.batch}": args.batch / batch_time,
         "prefill_gflops": flops / 1e9,
         "prompt_tokens": prompt_tokens,

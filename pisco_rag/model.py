@@ -41,6 +41,7 @@ from .compressors import (
     strip_adapter_prefix,
 )
 from .config import LongDocumentPolicy, PiscoConfig
+from .defaults import SHIPPED_MODELS, load_embedded
 from .errors import (
     CheckpointError,
     DocumentTooLongError,
@@ -188,15 +189,14 @@ class PiscoModel:
         local_files_only: bool = False,
     ) -> PiscoModel:
         """Load a native pisco-rag checkpoint, a naver COCOM checkpoint (PISCO or OSCAR), or
-        the embedded offline default (``"embedded"``), from a local directory or a hub id.
+        a shipped default (``"embedded"``: PISCO, ``"embedded-oscar"``: OSCAR with a reranking
+        head), from a local directory or a hub id.
 
         ``backbone`` overrides the base model the checkpoint names (e.g. a local copy of
         ``mistralai/Mistral-7B-Instruct-v0.2`` on a machine without network).
         """
-        if str(name_or_path) == "embedded":
-            from .defaults import load_embedded
-
-            return load_embedded(device=device, dtype=dtype, store=store)
+        if str(name_or_path) in SHIPPED_MODELS:
+            return load_embedded(str(name_or_path), device=device, dtype=dtype, store=store)
         directory = checkpoints.resolve_checkpoint(name_or_path, local_files_only=local_files_only)
         kind = checkpoints.checkpoint_kind(directory)
         lora_weights = compressor_weights = token_rows = None
