@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from .defaults import UNTRAINED_NOTICE
+from .defaults import UNTRAINED_NOTICE, model_notice
 
 
 def _load_model(args: argparse.Namespace):
@@ -18,12 +18,13 @@ def _load_model(args: argparse.Namespace):
 
     store = SQLiteMemoryStore(args.store) if getattr(args, "store", None) else None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untrained notice is printed below, once
+        warnings.simplefilter("ignore")  # the model's notice is printed below, once
         model = PiscoModel.from_pretrained(
             args.model, device=args.device, store=store, backbone=args.backbone
         )
-    if not model.config.trained:
-        print(f"NOTE: {UNTRAINED_NOTICE}\n", file=sys.stderr)
+    notice = model_notice(model.config)
+    if notice:
+        print(f"NOTE: {notice}\n", file=sys.stderr)
     return model
 
 

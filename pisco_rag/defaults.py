@@ -38,6 +38,14 @@ UNTRAINED_NOTICE = (
 )
 
 
+def model_notice(config) -> str | None:
+    """What to tell a user before answers from a model: that it is untrained, or the notice a
+    shipped model's config carries (e.g. how far it was trained); None otherwise."""
+    if not config.trained:
+        return UNTRAINED_NOTICE
+    return config.extra.get("notice")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PISCO_RAG_CACHE", Path.home() / ".cache" / "pisco-rag"))
 
@@ -89,8 +97,9 @@ def load_embedded(name: str = "embedded", *, device=None, dtype=None, store=None
     directory = SHIPPED_MODELS[name]
     if (directory / "config.json").is_file():
         model = PiscoModel.from_pretrained(directory, device=device, dtype=dtype, store=store)
-        if model.config.extra.get("notice"):
-            warnings.warn(model.config.extra["notice"], UserWarning, stacklevel=3)
+        notice = model_notice(model.config)
+        if notice:
+            warnings.warn(notice, UserWarning, stacklevel=3)
         return model
     if name != "embedded":
         raise CheckpointError(
