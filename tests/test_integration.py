@@ -16,13 +16,45 @@ pytestmark = pytest.mark.integration
 PARIS = "Paris is the capital and largest city of France, on the river Seine."
 
 
-def test_embedded_default_says_it_is_untrained(smollm):
-    assert smollm.config.trained is False
-    with pytest.warns(UserWarning, match="UNTRAINED"):
-        from pisco_rag.defaults import load_embedded
+def test_embedded_default_is_the_shipped_pisco_model(smollm):
+    from pisco_rag.defaults import SHIPPED_MODELS, load_embedded, model_notice
 
+    assert smollm.config.trained and smollm.config.name == "pisco-smollm2-135m"
+    assert smollm.config.backbone == "embedded:smollm2-135m-instruct"
+    assert sum(f.stat().st_size for f in SHIPPED_MODELS["embedded"].iterdir()) < 30e6
+    notice = model_notice(smollm.config)
+    assert notice and "Match" in notice  # says, honestly, how good it is
+    with pytest.warns(UserWarning, match="Match"):
         warnings.simplefilter("always")
         load_embedded(device="cpu")
+
+
+def test_without_shipped_weights_the_default_is_untrained(monkeypatch, tmp_path):
+    from pisco_rag import CheckpointError
+    from pisco_rag.defaults import SHIPPED_MODELS, load_embedded
+
+    monkeypatch.setitem(SHIPPED_MODELS, "embedded", tmp_path / "none")
+    monkeypatch.setitem(SHIPPED_MODELS, "embedded-oscar", tmp_path / "none")
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        warnings.simplefilter("always")
+        model = load_embedded(device="cpu")
+    assert model.config.trained is False
+    with pytest.raises(CheckpointError, match="ships no 'embedded-oscar' model"):
+        PiscoModel.from_pretrained("embedded-oscar")
+
+
+def test_embedded_oscar_reranks_and_answers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oscar = PiscoModel.from_pretrained("embedded-oscar", device="cpu")
+    assert oscar.config.rerank_head and oscar.config.compressor == "first-layers"
+    docs = ["The bakery sells rye bread.", PARIS, "Mount Fuji is in Japan."]
+    ranked = oscar.rerank("What is the capital of France?", docs)
+    assert sorted(r.index for r in ranked) == [0, 1, 2]
+    (answer,) = oscar.generate(
+        ["What is the capital of France?"], [ranked[0].memories], max_new_tokens=4
+    )
+    assert isinstance(answer, str)
 
 
 def test_128_token_chunk_gives_8_by_576_memory(smollm):
@@ -70,7 +102,7 @@ def test_cli_ask_compress_and_info(tmp_path, capsys):
 
     assert main(["compress", str(folder), "--store", str(store), "--quiet"]) == 0
     first = capsys.readouterr()
-    assert "already stored" in first.out and "UNTRAINED" in first.err
+    assert "already stored" in first.out
     n = len(SQLiteMemoryStore(store))
     assert n >= 3  # paris + the long note in several chunks; the empty file is skipped
     assert main(["compress", str(folder), "--store", str(store), "--quiet"]) == 0
