@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import randomize_lora, tiny_backbone
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pisco_rag import PiscoInputError, PiscoModel
@@ -398,6 +400,8 @@ def test_oscar_lora_compressor_trains_and_saves(tmp_path):
     loss = distillation_loss(model, recs)
     reloaded = PiscoModel.from_pretrained(result["final"], device="cpu")
     assert distillation_loss(reloaded, recs)["loss"] == pytest.approx(loss["loss"], abs=1e-4)
+    stored = load_file(Path(result["final"]) / "compressor.safetensors")
+    assert not [k for k in stored if k.startswith("body.")]  # by reference: LoRA factors only
 
 
 # ---------------------------------------------------------------------- command line

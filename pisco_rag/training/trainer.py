@@ -24,13 +24,11 @@ The differentiable forward lives here because :meth:`PiscoModel._compress_batch`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,25 +389,10 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
 
 # ---------------------------------------------------------------------- saving
 def save_checkpoint(pisco: PiscoModel, directory: str | os.PathLike[str]) -> None:
-    """The native pisco-rag format (``PiscoModel.from_pretrained`` reads it). A LoRA-tuned
-    OSCAR compressor is saved merged, as a plain compressor."""
-    from peft import PeftModel
-
+    """The native pisco-rag format (``PiscoModel.from_pretrained`` reads it); a LoRA-tuned
+    first-layers compressor is stored by reference (its LoRA factors), like the decoder."""
     pisco.config.trained = True
-    comp = pisco.compressor
-    with warnings.catch_warnings():
-        # peft notes that the embeddings were resized; pisco-rag saves their changed rows itself
-        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
-        if comp is not None and isinstance(comp.body, PeftModel):
-            merged = copy.deepcopy(comp)
-            merged.body = merged.body.merge_and_unload()
-            pisco.compressor = merged
-            try:
-                pisco.save_pretrained(directory)
-            finally:
-                pisco.compressor = comp
-        else:
-            pisco.save_pretrained(directory)
+    pisco.save_pretrained(directory)
 
 
 class PiscoTrainer(Trainer):
