@@ -182,7 +182,11 @@ def build_compressor(
         tokenizer.padding_side = config.compressor_padding_side
     body.resize_token_embeddings(len(tokenizer))
     if lora_weights is not None:
-        body = _merge_lora(body, lora_weights, config.compressor_lora_r or config.lora_r)
+        # naver's adapters are merged; a native compact one stays a LoRA adapter, so that
+        # saving the model again stores it by reference again
+        body = _apply_lora(
+            body, lora_weights, config.compressor_lora_r or config.lora_r, merge=token_rows is None
+        )
     if token_rows is not None:
         table = body.get_input_embeddings().weight
         with torch.no_grad():
@@ -207,16 +211,18 @@ def build_compressor(
     return compressor.to(dtype=next(backbone.parameters()).dtype)
 
 
-def _merge_lora(body: nn.Module, adapter: dict[str, torch.Tensor], r: int) -> nn.Module:
+def _apply_lora(body: nn.Module, adapter: dict[str, torch.Tensor], r: int, merge: bool):
+    """``body`` with the LoRA ``adapter`` (keys relative to the body) loaded; merged into the
+    weights, or (``merge=False``) kept as peft's ``default`` adapter."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
-    wrapped = get_peft_model(body, config, adapter_name="compr_adapter")
+    wrapped = get_peft_model(body, config)
     state = {f"base_model.model.{k}": v for k, v in adapter.items()}
-    result = set_peft_model_state_dict(wrapped, state, adapter_name="compr_adapter")
+    result = set_peft_model_state_dict(wrapped, state)
     if [k for k in result.unexpected_keys if "lora_" in k]:
         raise ValueError(f"the compressor adapter does not fit ({result.unexpected_keys[:3]})")
-    return wrapped.merge_and_unload()
+    return wrapped.merge_and_unload() if merge else wrapped
 
 
 def compact_compressor_state(

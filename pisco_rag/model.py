@@ -268,7 +268,9 @@ class PiscoModel:
         """Save in the native format: config.json and safetensors, base weights by reference
         (a LoRA-tuned first-layers compressor too). ``dtype`` (e.g. ``torch.float16``) casts
         the stored floating-point weights, to ship small files."""
-        with self._lock:
+        with self._lock, warnings.catch_warnings():
+            # peft notes that the embeddings were resized; their changed rows are saved below
+            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
             adapters = {
                 name: _lora_only(self.model.get_adapter_state_dict(name))
                 for name in _adapter_names(self.config)
