@@ -975,17 +975,24 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
     missing = set(names) - set(weights) if weights else set()
     if missing:
         raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-        for name in names:
-            if name in weights:
-                model.load_adapter(
-                    peft_config=lora,
-                    adapter_name=name,
-                    adapter_state_dict=_lora_only(weights[name]),
-                )
-            else:
-                model.add_adapter(lora, adapter_name=name)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a load report would list the other adapter as missing
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+            for name in names:
+                if name in weights:
+                    model.load_adapter(
+                        peft_config=lora,
+                        adapter_name=name,
+                        adapter_state_dict=_lora_only(weights[name]),
+                    )
+                else:
+                    model.add_adapter(lora, adapter_name=name)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.set_adapter(DECODER)
 
 
