@@ -157,9 +157,10 @@ def build_compressor(
 
     ``backbone`` and ``backbone_tokenizer`` are the decoder's, before its special tokens are
     added. ``weights`` (keys ``body.*``, ``connector.*``, ``head.*``) replace the initial
-    values; ``lora_weights`` is a LoRA adapter of the body, merged into it (naver checkpoints
-    whose compressor was LoRA-tuned, or compact native ones); ``token_rows`` (``ids``,
-    ``values``) are the body's embedding rows of the added tokens (compact native ones).
+    values; ``lora_weights`` is a LoRA adapter of the body: merged into it for naver checkpoints
+    whose compressor was LoRA-tuned, kept as an adapter for compact native ones;
+    ``token_rows`` (``ids``, ``values``) are the body's embedding rows of the added tokens
+    (compact native ones).
     """
     import copy
 
@@ -233,7 +234,7 @@ def compact_compressor_state(
     A first-layers compressor LoRA-tuned in training (its body a peft model) is stored by
     reference, like the decoder: LoRA factors (``lora.*``), the embedding rows of its added
     tokens (``token_rows.*``) and the non-body weights; loading copies the backbone's first
-    layers again and merges the factors. Any other compressor is stored whole.
+    layers again and puts the adapter back on them. Any other compressor is stored whole.
     """
     from peft import PeftModel, get_peft_model_state_dict
 
