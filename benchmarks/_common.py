@@ -48,8 +48,8 @@ def tiny_backbone():
 
 
 def load_model(tiny: bool, device: str | None, compressor: str = "pisco", **kwargs):
-    """A PiscoModel on SmolLM2-135M (the embedded default for PISCO, an untrained OSCAR model
-    otherwise), or (``tiny``) on a 2-layer random model for smoke tests."""
+    """A PiscoModel on SmolLM2-135M (the shipped embedded default for PISCO, an untrained
+    OSCAR model otherwise), or (``tiny``) on a 2-layer random model for smoke tests."""
     from pisco_rag import PiscoModel
     from pisco_rag.defaults import DEFAULT_BACKBONE
 

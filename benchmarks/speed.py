@@ -6,7 +6,7 @@ question, 5-layer compressor, reranking head) and then reads its memories, compr
 included in its time. Reported per mode: latency per query at batch 1, throughput at batch
 ``--batch``, prefill FLOPs counted by torch's FlopCounterMode, prompt tokens, and the peak
 resident memory of a separate process per mode (so modes do not share a high-water mark).
-``--scaling`` adds the time per query as k grows. Weights are untrained: this measures cost.
+``--scaling`` adds the time per query as k grows. This measures cost: the weights do not matter.
 
     python benchmarks/speed.py                      # SmolLM2-135M: results/speed.json + speed.png
     python benchmarks/speed.py --tiny --repeats 1 --batch 2 --k 2 --scaling-ks 1 2 --out /tmp/s.json

@@ -268,7 +268,7 @@ def main() -> None:
         "sizes": rows,
         "bytes_per_entry_real_shapes": entry_sizes(),
         "narrowed_storage_effect": {
-            "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M (embedded, untrained)",
+            "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M (embedded)",
             **effect,
         },
         "environment": environment(),

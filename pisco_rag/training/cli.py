@@ -42,7 +42,7 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
             seed=args.seed,
         )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untrained-default notice: training fixes it
+        warnings.simplefilter("ignore")  # the default's notice: training changes the model
         return PiscoModel.from_pretrained(
             args.model, device=args.device, dtype=dtype, backbone=args.backbone
         )
@@ -254,7 +254,7 @@ def add_train_commands(subparsers: Any) -> None:
     tr.add_argument(
         "--model",
         default="embedded",
-        help="checkpoint to start from (default: the embedded untrained default)",
+        help="checkpoint to start from (default: the shipped PISCO default, embedded)",
     )
     tr.add_argument("--backbone", default=None, help="override the checkpoint's base model")
     tr.add_argument(
