@@ -50,7 +50,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.text:
         mode = "text"
         answer = model.generate_from_text(
-            [args.question], [texts], max_new_tokens=args.max_new_tokens
+            [args.question], [texts], adapter="none", max_new_tokens=args.max_new_tokens
         )[0]
     else:
         if reranking:  # OSCAR: scores and query-dependent memories in one pass
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--text",
         action="store_true",
-        help="read the retrieved chunks as text (uncompressed baseline)",
+        help="read the retrieved chunks as text with the plain backbone (text-RAG baseline)",
     )
     model_args(ask)
     ask.set_defaults(func=cmd_ask)

@@ -75,7 +75,7 @@ def test_batch_with_0_1_and_7_contexts(smollm):
 
 def test_text_baseline_reads_the_passage(smollm):
     (answer,) = smollm.generate_from_text(
-        ["What is the capital of France?"], [[PARIS]], max_new_tokens=16
+        ["What is the capital of France?"], [[PARIS]], adapter="none", max_new_tokens=16
     )
     assert "Paris" in answer
 
