@@ -44,6 +44,15 @@ def main() -> None:
                 end="",
             )
         print("\n")
+        modes = speed["modes"]
+        ks = list(next(iter(modes.values()))["scaling_ms_per_query"])
+        print("Time per query at batch 1 as k grows (ms):\n")
+        print("| mode | " + " | ".join(f"k={k}" for k in ks) + " |")
+        print("|---|" + "---|" * len(ks))
+        for mode, row in modes.items():
+            cells = " | ".join(f"{row['scaling_ms_per_query'][k]:.0f}" for k in ks)
+            print(f"| {mode} | {cells} |")
+        print()
     splice = load("splice_overhead")
     if splice:
         m = splice["median_seconds"]
