@@ -82,6 +82,16 @@ def subset_documents(rec: dict, n: int) -> dict:
     return out
 
 
+def read_eval_records(path: str, limit: int | None) -> list[dict]:
+    """The first ``limit`` records of an evaluation JSONL file (refusing training-split ones)."""
+    from pisco_rag.evaluation.runner import check_eval_split
+
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()][:limit]
+    check_eval_split(records)
+    return records
+
+
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

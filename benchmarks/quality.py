@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, load_model, subset_documents, write
+from _common import RESULTS, environment, load_model, read_eval_records, subset_documents, write
 
+from pisco_rag.defaults import SHIPPED_MODELS
 from pisco_rag.evaluation.metrics import answer_metrics
-from pisco_rag.evaluation.runner import check_eval_split, evaluate_rag
+from pisco_rag.evaluation.runner import evaluate_rag
 
-SHIPPED_OSCAR = Path(__file__).parents[1] / "pisco_rag" / "weights" / "oscar-smollm2-135m"
+SHIPPED_OSCAR = SHIPPED_MODELS["embedded-oscar"]
 
 
 def load_models(args):
@@ -124,9 +125,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = p.parse_args()
 
-    with open(args.eval) as f:
-        records = [json.loads(line) for line in f if line.strip()][: args.limit]
-    check_eval_split(records)
+    records = read_eval_records(args.eval, args.limit)
     pisco, oscar = load_models(args)
     common = {
         "max_new_tokens": args.max_new_tokens,

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, load_model, write
+from _common import RESULTS, environment, load_model, read_eval_records, write
 from quality import SHIPPED_OSCAR
 
-from pisco_rag.evaluation.runner import check_eval_split, first_stage_ranking, ranking_metrics
+from pisco_rag.evaluation.runner import first_stage_ranking, ranking_metrics
 
 KS = (1, 5)
 
@@ -82,9 +82,7 @@ def main() -> None:
 
     from pisco_rag import PiscoModel
 
-    with open(args.eval) as f:
-        records = [json.loads(line) for line in f if line.strip()][: args.limit]
-    check_eval_split(records)
+    records = read_eval_records(args.eval, args.limit)
     missing = [r.get("id") for r in records if r.get("gold_index") is None]
     if missing:
         raise SystemExit(f"records without gold_index (e.g. {missing[0]!r}): nothing to measure")
