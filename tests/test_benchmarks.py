@@ -13,26 +13,23 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
+def run_script(*args: str) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+
 def test_splice_overhead_script_runs(tmp_path):
     out = tmp_path / "splice.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/splice_overhead.py",
-            "--tiny",
-            "--repeats",
-            "1",
-            "--k",
-            "3",
-            "--new-tokens",
-            "4",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
+    run_script(
+        "benchmarks/splice_overhead.py",
+        "--tiny",
+        "--repeats",
+        "1",
+        "--k",
+        "3",
+        "--new-tokens",
+        "4",
+        "--out",
+        str(out),
     )
     result = json.loads(out.read_text())
     assert result["k_memories"] == 3 and result["new_tokens"] == 4
@@ -42,22 +39,8 @@ def test_splice_overhead_script_runs(tmp_path):
 
 def test_compression_cost_script_runs(tmp_path):
     out = tmp_path / "cost.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/compression_cost.py",
-            "--tiny",
-            "--repeats",
-            "1",
-            "--k",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
+    run_script(
+        "benchmarks/compression_cost.py", "--tiny", "--repeats", "1", "--k", "2", "--out", str(out)
     )
     result = json.loads(out.read_text())
     assert result["k_documents"] == 2 and result["compressor_layers"] == 1
@@ -101,25 +84,18 @@ def test_speed_script_runs(tmp_path):
 
 def test_store_scale_script_runs(tmp_path):
     out = tmp_path / "store.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/store_scale.py",
-            "--tiny",
-            "--sizes",
-            "300",
-            "600",
-            "--writers",
-            "1",
-            "--repeats",
-            "3",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
+    run_script(
+        "benchmarks/store_scale.py",
+        "--tiny",
+        "--sizes",
+        "300",
+        "600",
+        "--writers",
+        "1",
+        "--repeats",
+        "3",
+        "--out",
+        str(out),
     )
     result = json.loads(out.read_text())
     assert [row["entries"] for row in result["sizes"]] == [300, 600]
@@ -132,26 +108,19 @@ def test_store_scale_script_runs(tmp_path):
 def test_ray_throughput_script_runs(tmp_path):
     pytest.importorskip("ray.data")
     out = tmp_path / "ray.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/ray_throughput.py",
-            "--tiny",
-            "--documents",
-            "6",
-            "--warmup-documents",
-            "0",
-            "--workers",
-            "1",
-            "--num-cpus",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
+    run_script(
+        "benchmarks/ray_throughput.py",
+        "--tiny",
+        "--documents",
+        "6",
+        "--warmup-documents",
+        "0",
+        "--workers",
+        "1",
+        "--num-cpus",
+        "1",
+        "--out",
+        str(out),
     )
     result = json.loads(out.read_text())
     assert result["documents"] == 6 and [r["workers"] for r in result["runs"]] == [1]
@@ -174,10 +143,6 @@ def eval_records(path: Path, n: int = 3) -> Path:
             }
             f.write(json.dumps(record) + "\n")
     return path
-
-
-def run_script(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
 
 
 def test_quality_script_runs(tmp_path):
