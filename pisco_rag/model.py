@@ -31,6 +31,14 @@ from transformers import (
 )
 
 from . import checkpoints
+from .adapters import (
+    DECODER,
+    ENCODER,
+    adapter_state_dict,
+    add_adapters,
+    lora_config,
+    use_adapter,
+)
 from .chunking import chunk_text, count_tokens
 from .compressors import (
     QueryCompressor,
@@ -55,7 +63,6 @@ from .stores import LRUMemoryStore, MemoryStore
 
 logger = logging.getLogger(__name__)
 
-ENCODER, DECODER = "encoder_adapter", "decoder_adapter"
 Messages = str | Sequence[dict[str, Any]]
 
 
@@ -268,12 +275,9 @@ class PiscoModel:
         """Save in the native format: config.json and safetensors, base weights by reference
         (a LoRA-tuned first-layers compressor too). ``dtype`` (e.g. ``torch.float16``) casts
         the stored floating-point weights, to ship small files."""
-        with self._lock, warnings.catch_warnings():
-            # peft notes that the embeddings were resized; their changed rows are saved below
-            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+        with self._lock:  # the embedding rows that training changed are saved below
             adapters = {
-                name: _lora_only(self.model.get_adapter_state_dict(name))
-                for name in _adapter_names(self.config)
+                name: adapter_state_dict(self.model, name) for name in _adapter_names(self.config)
             }
         config = self.config.to_dict()
         compressor = None
@@ -556,7 +560,7 @@ class PiscoModel:
         input_ids = torch.cat([enc["input_ids"], mem], dim=1).to(self.device)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(mem)], dim=1).to(self.device)
         with self._lock:
-            self.model.set_adapter(ENCODER)
+            use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
         return hidden[:, -self.n_mem :, :].detach(), None
 
@@ -788,14 +792,14 @@ class PiscoModel:
                 out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **args)
             finally:
                 if adapter == "none":
-                    self.model.enable_adapters()
+                    use_adapter(self.model, DECODER)
         return self._completions(prompts, out, max_new_tokens, stop)
 
     def _activate_decoder(self, adapter: str) -> None:
         if adapter == "none":
-            self.model.disable_adapters()
+            use_adapter(self.model, None)
         elif adapter == "decoder":
-            self.model.set_adapter(DECODER)
+            use_adapter(self.model, DECODER)
         else:
             raise PiscoInputError(f"adapter must be 'decoder' or 'none', got {adapter!r}")
 
@@ -826,7 +830,7 @@ class PiscoModel:
                         )
                     finally:
                         if adapter == "none":
-                            self.model.enable_adapters()
+                            use_adapter(self.model, DECODER)
             except BaseException as e:  # surfaced in the consumer's thread
                 outcome["error"] = e
                 streamer.end()
@@ -962,43 +966,14 @@ def _compressor_fields(spec: str, connector_hidden: int | None, decoder_hidden: 
 
 
 def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str, dict]) -> None:
-    from peft import LoraConfig
-
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-    )
     names = _adapter_names(config)
     missing = set(names) - set(weights) if weights else set()
     if missing:
         raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a load report would list the other adapter as missing
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-            for name in names:
-                if name in weights:
-                    model.load_adapter(
-                        peft_config=lora,
-                        adapter_name=name,
-                        adapter_state_dict=_lora_only(weights[name]),
-                    )
-                else:
-                    model.add_adapter(lora, adapter_name=name)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.set_adapter(DECODER)
-
-
-def _lora_only(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA matrices of an adapter state dict (peft may add resized embedding layers)."""
-    return {k: v for k, v in state_dict.items() if "lora_" in k}
+    lora = lora_config(
+        config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+    )
+    add_adapters(model, lora, names, weights)
 
 
 def _load_naver_rows(model, first_last: dict, base_vocab: int, directory: Path) -> list[int]:

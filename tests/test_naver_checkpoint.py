@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_backbone
 from peft import LoraConfig
+from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pisco_rag import CheckpointError, PiscoModel
@@ -35,8 +36,8 @@ def build_naver_checkpoint(root):
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear"
     )
-    base.add_adapter(lora, adapter_name="decoder_adapter")
-    base.add_adapter(lora, adapter_name="encoder_adapter")
+    inject_adapter_in_model(model=base, peft_config=lora, adapter_name="decoder_adapter")
+    inject_adapter_in_model(model=base, peft_config=lora, adapter_name="encoder_adapter")
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in base.named_parameters():
@@ -50,7 +51,10 @@ def build_naver_checkpoint(root):
     ckpt = root / "ckpt"
     ckpt.mkdir()
     torch.save(
-        {n: base.get_adapter_state_dict(n) for n in ("decoder_adapter", "encoder_adapter")},
+        {
+            n: get_peft_model_state_dict(base, adapter_name=n)
+            for n in ("decoder_adapter", "encoder_adapter")
+        },
         ckpt / "adapters.pth",
     )
     first_last = {
@@ -82,7 +86,7 @@ def build_naver_checkpoint(root):
 
 @torch.no_grad()
 def reference_memories(base, tok, docs):
-    base.set_adapter("encoder_adapter")
+    set_adapter(base, "encoder_adapter")
     texts = ["<ENC>" + tok.bos_token + d + tok.eos_token for d in docs]
     enc = tok(
         texts,
@@ -101,7 +105,7 @@ def reference_memories(base, tok, docs):
 
 @torch.no_grad()
 def reference_answer(base, tok, memories, question, max_new_tokens=8):
-    base.set_adapter("decoder_adapter")
+    set_adapter(base, "decoder_adapter")
     slots = "".join(f"<MEM{i}>" for i in range(8)) + "<SEP>"
     user = f"Background:\n{slots * len(memories)}\n\nQuestion:{question}"
     prompt = tok.apply_chat_template(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import randomize_lora, tiny_backbone
 from peft import LoraConfig
+from peft.functional import get_peft_model_state_dict, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pisco_rag import PiscoInputError, PiscoModel, RerankingUnavailableError
@@ -232,7 +233,7 @@ def build_naver_oscar(root, *, lora: bool, use_mlp: bool):
     mlp = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64))
     lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     if lora:
-        clm.add_adapter(lora_cfg, adapter_name="compr_adapter")
+        inject_adapter_in_model(model=clm, peft_config=lora_cfg, adapter_name="compr_adapter")
         with torch.no_grad():
             for n, p in clm.named_parameters():
                 if "lora_B" in n:
@@ -244,8 +245,9 @@ def build_naver_oscar(root, *, lora: bool, use_mlp: bool):
         {"additional_special_tokens": [*(f"<MEM{i}>" for i in range(8)), "<AE>", "<ENC>", "<SEP>"]}
     )
     decoder.resize_token_embeddings(len(tok))
-    decoder.add_adapter(
-        LoraConfig(
+    inject_adapter_in_model(
+        model=decoder,
+        peft_config=LoraConfig(
             task_type="CAUSAL_LM",
             r=16,
             lora_alpha=32,
@@ -257,7 +259,7 @@ def build_naver_oscar(root, *, lora: bool, use_mlp: bool):
     ckpt = root / "ckpt"
     (ckpt / "compressor").mkdir(parents=True)
     torch.save(
-        {"decoder_adapter": decoder.get_adapter_state_dict("decoder_adapter")},
+        {"decoder_adapter": get_peft_model_state_dict(decoder, adapter_name="decoder_adapter")},
         ckpt / "adapters.pth",
     )
     torch.save(
@@ -268,7 +270,11 @@ def build_naver_oscar(root, *, lora: bool, use_mlp: bool):
         torch.save(mlp.state_dict(), ckpt / "compressor" / "mlp.pth")
     if lora:
         torch.save(
-            {k: v for k, v in clm.get_adapter_state_dict("compr_adapter").items() if "lora_" in k},
+            {
+                k: v
+                for k, v in get_peft_model_state_dict(clm, adapter_name="compr_adapter").items()
+                if "lora_" in k
+            },
             ckpt / "compressor" / "compressor_adapters.pth",
         )
         torch.save(

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
-from ..model import DECODER, ENCODER, PiscoModel
+from ..model import PiscoModel
 from .data import load_records, resolve_target_field, training_target
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class StudentModule(nn.Module):
         """(memories ``[chunks, n_mem, hidden]``, rerank scores ``[chunks]`` or None)."""
         if self.compressor is not None:
             return self.compressor(enc_input_ids, enc_attention_mask)
-        self.backbone.set_adapter(ENCODER)
+        use_adapter(self.backbone, ENCODER)
         self._keep_trainable()
         hidden = self.backbone.base_model(
             input_ids=enc_input_ids, attention_mask=enc_attention_mask
@@ -222,7 +223,7 @@ class StudentModule(nn.Module):
         pisco = self.pisco
         with pisco._lock:
             memories, scores = self.compress(enc_input_ids, enc_attention_mask)
-            self.backbone.set_adapter(DECODER)
+            use_adapter(self.backbone, DECODER)
             self._keep_trainable()
             embeds = self.backbone.get_input_embeddings()(input_ids)
             slots = torch.isin(
@@ -533,7 +534,7 @@ def distillation_loss(
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-    pisco.model.set_adapter(DECODER)
+    use_adapter(pisco.model, DECODER)
     return {k: v / n for k, v in sums.items()}
 
 
@@ -694,7 +695,7 @@ def train(
         setup.restore()
         if config.gradient_checkpointing:
             model.model.gradient_checkpointing_disable()
-        model.model.set_adapter(DECODER)
+        use_adapter(model.model, DECODER)
         model.refresh_fingerprint()
     final = Path(config.output_dir) / "final"
     save_checkpoint(model, final)
