@@ -1,5 +1,9 @@
 """pisco-rag: compressed-document RAG (PISCO / OSCAR) on one framework-free core."""
 
+from .compat import DependencyError, check_dependencies
+
+check_dependencies()  # a clear message before transformers or peft fail on a bad pair
+
 from .config import PiscoConfig
 from .errors import (
     CheckpointError,
@@ -21,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "CorruptMemoryError",
+    "DependencyError",
     "DocumentTooLongError",
     "LRUMemoryStore",
     "LanceMemoryStore",

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .verbosity import quiet_loading
 
 NATIVE_FILES = ("config.json", "adapters.safetensors", "embeddings.safetensors")
 NAVER_FILES = ("config.json", "adapters.pth", "decoder_first_last_layers.pth")
@@ -182,25 +183,13 @@ def load_backbone(
     """(causal LM, tokenizer) for a backbone name: ``embedded:<name>``, a local dir, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name.startswith("embedded:"):
-        from .defaults import embedded_backbone_dir
-
-        source: str | Path = embedded_backbone_dir(name.removeprefix("embedded:"))
-    elif Path(name).expanduser().is_dir():
-        source = Path(name).expanduser()
-    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        source = name  # a hub id
-    else:
-        raise CheckpointError(
-            f"backbone {name!r} is neither a local directory nor a hub id 'owner/name'. A model "
-            "built from a model instance names no loadable backbone: save the backbone "
-            "(save_pretrained) and pass backbone=DIR."
-        )
+    source = backbone_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype or torch.float32, local_files_only=local_files_only
-        )
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype or torch.float32, local_files_only=local_files_only
+            )
     except OSError as e:
         raise CheckpointError(
             f"backbone {name!r} could not be loaded ({str(e).splitlines()[0]}). Without network "
@@ -208,3 +197,27 @@ def load_backbone(
             "backbone=DIR, or use the embedded default (PiscoModel.from_pretrained('embedded'))."
         ) from None
     return model, tokenizer
+
+
+def load_tokenizer(name: str, *, local_files_only: bool = False) -> Any:
+    """The tokenizer of a backbone name (as :func:`load_backbone` resolves it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(backbone_source(name), local_files_only=local_files_only)
+
+
+def backbone_source(name: str) -> str | Path:
+    """Where a backbone name loads from: the embedded cache dir, a local dir, or a hub id."""
+    if name.startswith("embedded:"):
+        from .defaults import embedded_backbone_dir
+
+        return embedded_backbone_dir(name.removeprefix("embedded:"))
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a hub id
+    raise CheckpointError(
+        f"backbone {name!r} is neither a local directory nor a hub id 'owner/name'. A model "
+        "built from a model instance names no loadable backbone: save the backbone "
+        "(save_pretrained) and pass backbone=DIR."
+    )

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from .defaults import UNTRAINED_NOTICE, model_notice
+from .verbosity import set_verbose
 
 
 def _load_model(args: argparse.Namespace):
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--backbone", default=None, help="override the checkpoint's base model")
         p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="show loading details (transformers messages, progress bars, INFO logs)",
+        )
 
     ask = sub.add_parser("ask", help="answer a question over a folder of .txt/.md files")
     ask.add_argument("folder")
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except (FileNotFoundError, ModuleNotFoundError) as e:

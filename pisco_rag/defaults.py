@@ -12,12 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .verbosity import quiet_loading, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,14 @@ def embedded_backbone_dir(name: str) -> Path:
     source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / gguf_file).is_file():
         raise CheckpointError(f"{source / gguf_file} is missing; reinstall {package}")
-    logger.warning("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    logger.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=torch.float32
+        )
     model.config.quantization_config = None  # dequantised: save as a plain checkpoint
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -99,14 +102,14 @@ def load_embedded(name: str = "embedded", *, device=None, dtype=None, store=None
         model = PiscoModel.from_pretrained(directory, device=device, dtype=dtype, store=store)
         notice = model_notice(model.config)
         if notice:
-            warnings.warn(notice, UserWarning, stacklevel=3)
+            warn_once(notice, stacklevel=3)
         return model
     if name != "embedded":
         raise CheckpointError(
             f"{directory} is missing: this installation ships no {name!r} model; train one "
             "(docs/training.md) and load its directory"
         )
-    warnings.warn(UNTRAINED_NOTICE, UserWarning, stacklevel=3)
+    warn_once(UNTRAINED_NOTICE, stacklevel=3)
     model = PiscoModel.from_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype, store=store)
     model.config.name = "pisco-smollm2-135m (untrained)"
     return model

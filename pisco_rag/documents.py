@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .verbosity import quiet_loading
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -207,7 +209,8 @@ class DenseRetriever:
     def __init__(self, model_name_or_path: str | None = None, device: str | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
+        with quiet_loading():
+            self.encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
         self.chunks: list[Chunk] = []
         self._matrix: torch.Tensor | None = None
 

@@ -60,6 +60,7 @@ from .errors import (
 from .memory import Memory, memory_key
 from .prompting import ChatTurn, PromptRenderer, RenderedPrompt, Segment, check_segment, split_tags
 from .stores import LRUMemoryStore, MemoryStore
+from .verbosity import quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -934,7 +935,8 @@ def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) ->
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.bos_token
-    model.resize_token_embeddings(len(tokenizer))
+    with quiet_loading():  # transformers explains its mean-resizing of new rows at length
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:

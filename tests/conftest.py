@@ -80,6 +80,14 @@ def tiny_oscar(rerank_head: bool = True, seed: int = 0) -> PiscoModel:
     return tiny_pisco("llama", seed, compressor="first-layers:1", rerank_head=rerank_head)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warn_once():
+    """Each test sees pisco-rag's once-per-process notices as a new process would."""
+    from pisco_rag import verbosity
+
+    verbosity._warned.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> PiscoModel:
     """A tiny random Llama-family PISCO model (adapters randomised)."""

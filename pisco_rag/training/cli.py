@@ -50,8 +50,30 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
 
 # ---------------------------------------------------------------------- commands
 def cmd_build_data(args: argparse.Namespace) -> int:
-    from .data import build_bigbench_records, default_embedder, write_jsonl
+    from .data import (
+        build_bigbench_records,
+        build_pretraining_records,
+        default_embedder,
+        write_jsonl,
+    )
 
+    if args.pretraining:
+        if args.split != "train":
+            raise PiscoInputError(
+                "--pretraining builds from the training split: pass --split train"
+            )
+        from ..checkpoints import load_tokenizer
+
+        records = build_pretraining_records(
+            args.task_json,
+            load_tokenizer(args.tokenizer),
+            limit=args.limit,
+            seed=args.seed,
+        )
+        write_jsonl(records, args.out)
+        tasks = {t: sum(r["task"] == t for r in records) for t in ("ae", "continue")}
+        print(f"{len(records)} pre-training records {tasks} -> {args.out}")
+        return 0
     records = build_bigbench_records(
         args.task_json,
         args.split,
@@ -210,6 +232,17 @@ def add_train_commands(subparsers: Any) -> None:
         default=None,
         help="retrieve distractors from a random sample of this many passages of the split "
         "(default: all of them)",
+    )
+    bd.add_argument(
+        "--pretraining",
+        action="store_true",
+        help="dense pre-training records instead: auto-encoding and continuation of the "
+        "training split's passages (no retrieval)",
+    )
+    bd.add_argument(
+        "--tokenizer",
+        default="embedded:smollm2-135m-instruct",
+        help="with --pretraining: the tokenizer that chunks passages (the backbone's)",
     )
     bd.add_argument("--seed", type=int, default=0)
     _device_args(bd)

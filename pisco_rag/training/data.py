@@ -221,6 +221,61 @@ def build_bigbench_records(
     return records
 
 
+def build_pretraining_records(
+    task_json: str | os.PathLike[str],
+    tokenizer: Any,
+    *,
+    doc_max_length: int = 128,
+    limit: int | None = None,
+    ae_share: float = 0.5,
+    min_continuation_tokens: int = 16,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Dense pre-training records from the passages of the training split (items < 14000):
+    each passage is chunked to ``doc_max_length`` tokens; a chunk becomes an auto-encoding
+    record (``task="ae"``: the decoder rebuilds it from its memories) with probability
+    ``ae_share``, otherwise a continuation record (``task="continue"``: the decoder writes the
+    text that follows it: the next chunk, or for a one-chunk passage its second half, whose
+    first half is then the document). Passages are deduplicated; ``limit`` caps the records."""
+    from ..chunking import chunk_text
+
+    if not 0 <= ae_share <= 1:
+        raise PiscoInputError(f"ae_share must be in [0, 1], got {ae_share}")
+    items = read_bigbench_task(task_json)
+    indices = list(split_indices(len(items), "train"))
+    check_split(indices, "train")
+    rng = random.Random(seed)
+    rng.shuffle(indices)
+    seen: set[str] = set()
+    records: list[dict[str, Any]] = []
+    for i in indices:
+        passage = items[i].passage.strip()
+        if passage in seen:
+            continue
+        seen.add(passage)
+        chunks = chunk_text(tokenizer, passage, doc_max_length)
+        for j, chunk in enumerate(chunks):
+            base = {"id": f"{TASK_NAME}-{i}-{j}", "index": i, "split": "train", "question": ""}
+            if rng.random() < ae_share:
+                records.append({**base, "task": "ae", "documents": [chunk], "answer": chunk})
+                continue
+            if j + 1 < len(chunks):
+                first, rest = chunk, chunks[j + 1]
+            else:
+                words = chunk.split()
+                half = len(words) // 2
+                first, rest = " ".join(words[:half]), " ".join(words[half:])
+            if (
+                len(tokenizer(rest, add_special_tokens=False)["input_ids"])
+                < min_continuation_tokens
+            ):
+                continue
+            records.append({**base, "task": "continue", "documents": [first], "answer": rest})
+        if limit is not None and len(records) >= limit:
+            return records[:limit]
+    return records
+
+
 # ---------------------------------------------------------------------- JSONL and datasets
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write records as JSON lines, atomically (a temporary file renamed into place)."""
@@ -258,10 +313,28 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
+Task = Literal["qa", "ae", "continue"]
+TASKS: tuple[str, ...] = ("qa", "ae", "continue")
+
+
+def record_task(rec: dict[str, Any]) -> Task:
+    """What a record teaches: ``qa`` (default: answer ``question`` from the documents), ``ae``
+    (auto-encoding: rebuild the document, ``answer``, from its memories) or ``continue``
+    (continue the text after the document with ``answer``)."""
+    task = rec.get("task") or "qa"
+    if task not in TASKS:
+        raise PiscoInputError(f"record field 'task' must be one of {TASKS}, got {task!r}")
+    return task  # type: ignore[return-value]
+
+
 def validate_record(rec: dict[str, Any], where: str) -> None:
-    """Check the fields a record must have (question, documents) and the optional ones' shapes."""
+    """Check the fields a record must have (question for QA records, documents) and the
+    optional ones' shapes."""
     q = rec.get("question")
-    if not isinstance(q, str) or not q.strip():
+    if record_task(rec) != "qa":
+        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
+            raise PiscoInputError(f"{where}: a {rec['task']!r} record needs its target in 'answer'")
+    elif not isinstance(q, str) or not q.strip():
         raise PiscoInputError(f"{where}: 'question' must be a non-empty string, got {q!r}")
     docs = rec.get("documents")
     if not isinstance(docs, list) or not all(isinstance(d, str) and d.strip() for d in docs):
@@ -350,11 +423,13 @@ __all__ = [
     "EVAL_START",
     "BigbenchItem",
     "build_bigbench_records",
+    "build_pretraining_records",
     "check_split",
     "load_records",
     "parse_bigbench_input",
     "read_bigbench_task",
     "read_jsonl",
+    "record_task",
     "resolve_target_field",
     "split_indices",
     "training_target",

@@ -42,7 +42,7 @@ from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
 from ..model import PiscoModel
-from .data import load_records, resolve_target_field, training_target
+from .data import load_records, record_task, resolve_target_field, training_target
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,15 @@ class DistillationCollator:
         turns = r.pisco_turns(question, [_PLACEHOLDER] * n_chunks, self.model.config.system_prompt)
         return r.render(turns).input_ids
 
+    def pretraining_prompt_ids(self, task: str, n_chunks: int) -> list[int]:
+        """Naver's pre-training layout, no chat template: bos, the memory slots, then ``<AE>``
+        for auto-encoding (rebuild the chunk) or nothing for continuation (go on with the text
+        that follows the chunk)."""
+        tok, model = self.model.tokenizer, self.model
+        slots = [*model.mem_token_ids, tok.convert_tokens_to_ids("<SEP>")] * n_chunks
+        tail = [tok.convert_tokens_to_ids("<AE>")] if task == "ae" else []
+        return [tok.bos_token_id, *slots, *tail]
+
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         model, tok = self.model, self.model.tokenizer
         texts, queries, chunk_doc, rows = [], [], [], []
@@ -128,16 +137,23 @@ class DistillationCollator:
             scores += [float(s) for s in teacher] if teacher else [0.0] * len(rec["documents"])
             score_mask += [teacher is not None] * len(rec["documents"])
             n_docs += len(rec["documents"])
-            prompt = self.prompt_ids(rec["question"], len(chunks))
+            task = record_task(rec)
+            if task == "qa":
+                prompt = self.prompt_ids(rec["question"], len(chunks))
+                limit = self.max_answer_tokens
+            else:
+                prompt = self.pretraining_prompt_ids(task, len(chunks))
+                limit = model.config.doc_max_length
             answer: list[int] = []
-            if self.target_field is not None:
-                target = training_target(rec, self.target_field)
+            field_name = self.target_field if task == "qa" else "answer"
+            if field_name is not None:
+                target = training_target(rec, field_name)
                 if target is None:
                     raise PiscoInputError(
-                        f"record {rec.get('id')!r} has no {self.target_field!r} to learn"
+                        f"record {rec.get('id')!r} has no {field_name!r} to learn"
                     )
-                answer = tok(target, add_special_tokens=False)["input_ids"]
-                answer = [*answer[: self.max_answer_tokens], tok.eos_token_id]
+                answer = tok(target, add_special_tokens=False, split_special_tokens=True)
+                answer = [*answer["input_ids"][:limit], tok.eos_token_id]
             rows.append((prompt, answer))
         batch = self._compressor_inputs(texts, queries)
         width = max(len(p) + len(a) for p, a in rows)
