@@ -628,6 +628,57 @@ class PiscoModel:
             out += [c.text for c in result]
         return out
 
+    @torch.no_grad()
+    def answer_nll(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[Sequence[Memory | str]],
+        answers: Sequence[str],
+        *,
+        adapter: Literal["decoder", "none"] = "decoder",
+        batch_size: int = 8,
+    ) -> list[float]:
+        """Mean negative log-likelihood per token of each ``answers[i]`` (then eos) after the
+        PISCO prompt of ``questions[i]`` with ``contexts[i]`` (memories and/or text, or none):
+        the diagnostic that shows whether memories carry the answer before Match moves."""
+        if len(answers) != len(questions):
+            raise PiscoInputError(
+                f"answers has {len(answers)} entries for {len(questions)} questions"
+            )
+        prompts = self._pisco_prompts(questions, contexts)
+        eos = self.tokenizer.eos_token_id
+        out: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            batch, n_answer = [], []
+            for p, a in zip(
+                prompts[start : start + batch_size], answers[start : start + batch_size]
+            ):
+                ids = self.tokenizer(a, add_special_tokens=False, split_special_tokens=True)
+                answer = [*ids["input_ids"], eos]
+                batch.append(RenderedPrompt([*p.input_ids, *answer], p.memories))
+                n_answer.append(len(answer))
+            keep = max(n_answer) + 1
+            with self._lock:
+                self._activate_decoder(adapter)
+                try:
+                    embeds, mask = self._embed(batch)
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = self.model(
+                        inputs_embeds=embeds,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        logits_to_keep=keep,
+                        use_cache=False,
+                    ).logits.float()
+                finally:
+                    if adapter == "none":
+                        use_adapter(self.model, DECODER)
+            for row, (p, n) in enumerate(zip(batch, n_answer)):
+                targets = torch.tensor(p.input_ids[-n:], device=logits.device)
+                row_logits = logits[row, -n - 1 : -1]
+                out.append(float(torch.nn.functional.cross_entropy(row_logits, targets)))
+        return out
+
     def tag(self, memory: Memory) -> str:
         """The tag that stands for ``memory`` in a text prompt (stores it in :attr:`store`)."""
         self._check_memory(memory, "memory")

@@ -433,3 +433,79 @@ def test_cli_build_train_eval(tmp_path, monkeypatch):
     assert report["data"]["n"] == 4 and {"text", "compressed"} <= set(report)
     assert run(evaluate % "train.jsonl" + " --out {d}/r2.json") == 2  # training records refused
     assert run(train_cmd.replace("train.jsonl", "eval.jsonl")) == 2  # eval records refused
+
+
+CODE_WORDS = ["apple", "river", "stone", "cloud"]
+SAME_QUESTION = [
+    {
+        "id": f"code{i}",
+        "question": "What is the code word?",
+        "documents": [f"The code word is {w}."],
+        "answer": w,
+    }
+    for i, w in enumerate(CODE_WORDS)
+]
+
+
+@pytest.mark.integration
+def test_overfit_check_answers_come_from_the_memories(tmp_path):
+    """Every record asks the same question, so only the memories tell the answers apart: a
+    broken objective (memories ignored, or no gradient through them) cannot pass. SmolLM2
+    learns it in about 15 steps; a tiny random model cannot learn even plain answers."""
+    from pisco_rag.evaluation.metrics import answer_metrics
+    from pisco_rag.evaluation.runner import evaluate_rag
+
+    model = PiscoModel.from_backbone(
+        "embedded:smollm2-135m-instruct", device="cpu", lora_dropout=0.0
+    )
+    train(
+        model,
+        SAME_QUESTION,
+        config=config(
+            tmp_path,
+            max_steps=40,
+            batch_size=4,
+            decoder_lr=1e-3,
+            compressor_lr=1e-3,
+            warmup_ratio=0.0,
+        ),
+    )
+    memories = [model.compress(r["documents"], use_store=False) for r in SAME_QUESTION]
+    answers = model.generate([r["question"] for r in SAME_QUESTION], memories, max_new_tokens=4)
+    assert answer_metrics(answers, CODE_WORDS)["match"] == 1.0, answers
+    report = evaluate_rag(
+        model, SAME_QUESTION, modes=["compressed"], allow_train_split=True, show_progress=False
+    )
+    d = report["diagnostics"]
+    assert d["nll_memories"] < 0.2 * d["nll_no_context"], d  # the answers are in the memories
+    assert report["compressed"]["metrics"]["match"] == 1.0
+
+
+def test_pretraining_records_and_their_prompts(tmp_path):
+    """Auto-encoding rebuilds the chunk after <AE>; continuation writes what follows it."""
+    from pisco_rag.training.data import build_pretraining_records
+
+    task = tmp_path / "task.json"
+    write_task(task, 20)
+    model = pisco()
+    records = build_pretraining_records(
+        task, model.tokenizer, doc_max_length=16, min_continuation_tokens=3, seed=0
+    )
+    assert {r["task"] for r in records} == {"ae", "continue"}
+    assert all(r["index"] < 14000 and r["split"] == "train" for r in records)
+    for r in records:
+        if r["task"] == "ae":
+            assert r["answer"] == r["documents"][0]
+    collator = DistillationCollator(model, "answer")
+    tok = model.tokenizer
+    for task_name, tail in (("ae", ["<AE>"]), ("continue", [])):
+        rec = next(r for r in records if r["task"] == task_name)
+        batch = collator([rec])
+        row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        n_chunks = len(model.chunk(rec["documents"][0]))
+        slots = [*model.mem_token_ids, tok.convert_tokens_to_ids("<SEP>")] * n_chunks
+        prompt = [tok.bos_token_id, *slots, *tok.convert_tokens_to_ids(tail)]
+        target = tok(rec["answer"], add_special_tokens=False)["input_ids"]
+        assert row == [*prompt, *target, tok.eos_token_id]
+    loss = distillation_loss(model, records[:4])["loss"]
+    assert loss > 0

@@ -4,8 +4,14 @@ with a reranking head, the head's ranking against the first-stage order), as a J
 - ``text``: the documents read as text with the same PISCO prompt
   (:meth:`PiscoModel.generate_from_text`; ``text_adapter="none"`` reads with the plain
   backbone, the usual text-RAG baseline; ``"decoder"`` with the decoder adapter);
+- ``text_decoder``: the same with the decoder adapter on (how well the trained decoder still
+  reads text);
 - ``compressed``: the documents compressed into memories (OSCAR: conditioned on the question)
   and read by the decoder.
+- ``diagnostics`` (with ``diagnostics=True``): the mean NLL per token of the gold answer
+  (a) with the documents as text (the text-RAG reader), (b) from their memories, (c) with no
+  context (decoder adapter), and the share of the text's gain that memories recover,
+  ``(c - b) / (c - a)``: it moves long before Match does.
 - ``reranking`` (OSCAR with a head, records with ``gold_index``): recall@k, nDCG@k and MRR of
   the head's scores and of the first-stage order (``retrieval_scores`` when the records have
   them, else their document order); with ``top_n``, also the answers from the top-n documents
@@ -32,7 +38,8 @@ from ..errors import PiscoInputError
 from ..memory import Memory
 from .metrics import answer_metrics, ndcg_at_k, recall_at_k
 
-Mode = Literal["text", "compressed"]
+Mode = Literal["text", "text_decoder", "compressed"]
+MODES = ("text", "text_decoder", "compressed")
 _PLACEHOLDER = Memory(torch.zeros(1, 1), "", "")
 
 
@@ -113,15 +120,16 @@ def evaluate_rag(
     allow_train_split: bool = False,
     keep_predictions: bool = True,
     show_progress: bool = True,
+    diagnostics: bool = True,
 ) -> dict[str, Any]:
     """Run the comparison on ``records`` (list of dicts or a ``datasets.Dataset``) and return
     the report (see the module docstring). Compression bypasses the memory store, so timings
     are honest."""
     records = _as_records(records)
     check_eval_split(records, allow_train_split)
-    unknown = [m for m in modes if m not in ("text", "compressed")]
+    unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise PiscoInputError(f"modes must be drawn from 'text' and 'compressed', got {modes!r}")
+        raise PiscoInputError(f"modes must be drawn from {MODES}, got {modes!r}")
     if top_n is not None and top_n < 1:
         raise PiscoInputError(f"top_n must be at least 1, got {top_n}")
     questions = [r["question"] for r in records]
@@ -147,22 +155,24 @@ def evaluate_rag(
     }
     predictions: dict[str, list[str]] = {}
 
-    if "text" in modes:
+    for mode, adapter in (("text", text_adapter), ("text_decoder", "decoder")):
+        if mode not in modes:
+            continue
         start = time.perf_counter()
         preds: list[str] = []
         for b in tqdm(
-            range(0, len(records), batch_size), desc="text RAG", disable=not show_progress
+            range(0, len(records), batch_size), desc=f"{mode} RAG", disable=not show_progress
         ):
             preds += model.generate_from_text(
                 questions[b : b + batch_size],
                 documents[b : b + batch_size],
-                adapter=text_adapter,
+                adapter=adapter,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
             )
         seconds = time.perf_counter() - start
-        predictions["text"] = preds
-        report["text"] = {
+        predictions[mode] = preds
+        report[mode] = {
             "metrics": answer_metrics(preds, labels),
             "seconds": round(seconds, 3),
             "prompt_tokens_mean": _mean(
@@ -171,7 +181,7 @@ def evaluate_rag(
         }
 
     contexts: list[list[Memory]] = []
-    if "compressed" in modes or top_n is not None:
+    if "compressed" in modes or top_n is not None or diagnostics:
         flat = [(i, d) for i, docs in enumerate(documents) for d in docs]
         queries = [questions[i] for i, _ in flat] if model.config.is_oscar else None
         start = time.perf_counter()
@@ -212,6 +222,11 @@ def evaluate_rag(
             ),
         }
 
+    if diagnostics:
+        report["diagnostics"] = answer_diagnostics(
+            model, questions, documents, contexts, labels, text_adapter, batch_size
+        )
+
     head = model.compressor is not None and model.compressor.head is not None
     if head and contexts:
         first = [first_stage_ranking(r) for r in records]
@@ -249,6 +264,30 @@ def evaluate_rag(
     return report
 
 
+def answer_diagnostics(
+    model,
+    questions: Sequence[str],
+    documents: Sequence[Sequence[str]],
+    contexts: Sequence[Sequence[Memory]],
+    answers: Sequence[Any],
+    text_adapter: Literal["none", "decoder"] = "none",
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Mean gold-answer NLL per token with the documents as text, from their memories and with
+    no context, and the share of the text's gain the memories recover."""
+    gold = [a[0] if isinstance(a, list) else a for a in answers]
+    text = model.answer_nll(questions, documents, gold, adapter=text_adapter, batch_size=batch_size)
+    memories = model.answer_nll(questions, contexts, gold, batch_size=batch_size)
+    none = model.answer_nll(questions, [[] for _ in questions], gold, batch_size=batch_size)
+    a, b, c = _mean(text), _mean(memories), _mean(none)
+    return {
+        "nll_text": a,
+        "nll_memories": b,
+        "nll_no_context": c,
+        "gap_recovered": (c - b) / (c - a) if c != a else float("nan"),
+    }
+
+
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the report as indented JSON (creating the folder)."""
     path = Path(path)
@@ -260,7 +299,7 @@ def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def summary(report: dict[str, Any]) -> str:
     """A few lines for a terminal: Match/F1 per mode, ranking metrics."""
     lines = [f"{report['data']['n']} questions, model {report['model'].get('name')}"]
-    for mode in ("text", "compressed"):
+    for mode in MODES:
         if mode in report:
             m = report[mode]["metrics"]
             lines.append(
@@ -268,6 +307,13 @@ def summary(report: dict[str, Any]) -> str:
                 f"({report[mode]['seconds']:.1f}s, {report[mode]['prompt_tokens_mean']:.0f} "
                 "prompt tokens)"
             )
+    d = report.get("diagnostics")
+    if d:
+        lines.append(
+            f"  answer NLL: text {d['nll_text']:.3f}, memories {d['nll_memories']:.3f}, "
+            f"no context {d['nll_no_context']:.3f}; memories recover "
+            f"{d['gap_recovered']:.1%} of the text's gain"
+        )
     for name, value in report.get("reranking", {}).items():
         if isinstance(value, dict):
             shown = " ".join(f"{k}={v:.3f}" for k, v in value.items())
@@ -275,4 +321,11 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["check_eval_split", "evaluate_rag", "first_stage_ranking", "summary", "write_report"]
+__all__ = [
+    "answer_diagnostics",
+    "check_eval_split",
+    "evaluate_rag",
+    "first_stage_ranking",
+    "summary",
+    "write_report",
+]

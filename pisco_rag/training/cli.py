@@ -183,6 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         top_n=args.top_n,
+        diagnostics=not args.no_diagnostics,
         allow_train_split=args.allow_train_split,
         keep_predictions=not args.no_predictions,
         show_progress=not args.quiet,
@@ -369,7 +370,17 @@ def add_train_commands(subparsers: Any) -> None:
     ev.add_argument("--backbone", default=None, help="override the checkpoint's base model")
     ev.add_argument("--out", required=True, help="JSON report path")
     ev.add_argument("--limit", type=int, default=None, help="first N records")
-    ev.add_argument("--modes", default="text,compressed", help="comma list: text, compressed")
+    ev.add_argument(
+        "--modes",
+        default="text,text_decoder,compressed",
+        help="comma list: text (plain backbone, or --text-adapter), text_decoder (text read "
+        "with the decoder adapter), compressed",
+    )
+    ev.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the gold-answer NLL diagnostics (text / memories / no context)",
+    )
     ev.add_argument(
         "--text-adapter",
         choices=["none", "decoder"],
