@@ -130,7 +130,9 @@ def first_layers_body(backbone: nn.Module, n_layers: int, rms_norm: bool) -> nn.
         raise ValueError(f"could not copy the backbone's first layers (missing {missing[:3]})")
     if not rms_norm:
         body.norm = nn.Identity()
-    return body.to(dtype=next(backbone.parameters()).dtype)
+    param = next(backbone.parameters())
+    move_keeping_float32_buffers(body, param.device, param.dtype)
+    return body
 
 
 def add_compressor_tokens(
@@ -209,7 +211,9 @@ def build_compressor(
                 f"compressor weights do not fit the configured compressor (missing "
                 f"{missing[:3]}, unexpected {unexpected[:3]})"
             )
-    return compressor.to(dtype=next(backbone.parameters()).dtype)
+    param = next(backbone.parameters())
+    move_keeping_float32_buffers(compressor, param.device, param.dtype)
+    return compressor
 
 
 def _apply_lora(body: nn.Module, adapter: dict[str, torch.Tensor], r: int, merge: bool):
@@ -287,3 +291,17 @@ def strip_adapter_prefix(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """naver's trimmed-compressor adapter keys are relative to a causal LM: make them relative
     to its base model."""
     return {k.removeprefix("model."): v for k, v in adapter.items()}
+
+
+def move_keeping_float32_buffers(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype
+) -> None:
+    """``module.to(device, dtype)``, except that float32 buffers stay float32 (rotary
+    ``inv_freq`` and the like), as transformers keeps them when it loads in a dtype: a
+    bf16 ``inv_freq`` shifts rotary angles by tenths of a radian at a few hundred tokens."""
+    keep = {name: buf for name, buf in module.named_buffers() if buf.dtype == torch.float32}
+    module.to(device=device, dtype=dtype)
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        target._buffers[attr] = buf.to(device)

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from .errors import CheckpointError
 
-LongDocumentPolicy = Literal["chunk", "truncate", "error"]
+LongDocumentPolicy = Literal["chunk", "truncate", "naver", "error"]
+LONG_DOCUMENT_POLICIES: tuple[str, ...] = ("chunk", "truncate", "naver", "error")
 FORMAT_VERSION = 1
 
 SYSTEM_PROMPT = (
@@ -62,9 +63,9 @@ class PiscoConfig:
                 f"doc_max_length ({self.doc_max_length}) must be a multiple of "
                 f"compression_rate ({self.compression_rate})"
             )
-        if self.long_documents not in ("chunk", "truncate", "error"):
+        if self.long_documents not in LONG_DOCUMENT_POLICIES:
             raise ValueError(
-                f"long_documents must be 'chunk', 'truncate' or 'error', "
+                f"long_documents must be one of {LONG_DOCUMENT_POLICIES}, "
                 f"not {self.long_documents!r}"
             )
 

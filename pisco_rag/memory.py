@@ -14,10 +14,11 @@ from safetensors.torch import save as st_save
 from .errors import CorruptMemoryError
 
 
-def memory_key(fingerprint: str, text: str, query: str | None = None) -> str:
-    """Content-derived store key: the same model, query and text give the same key anywhere."""
+def memory_key(fingerprint: str, text: str, query: str | None = None, variant: str = "") -> str:
+    """Content-derived store key: the same model, query and text give the same key anywhere.
+    ``variant`` names another way of compressing the same text (e.g. naver's truncation)."""
     h = hashlib.sha256()
-    for part in (fingerprint, query or "", text):
+    for part in (fingerprint, query or "", text, *([variant] if variant else [])):
         h.update(part.encode("utf-8"))
         h.update(b"\x00")
     return h.hexdigest()[:32]

@@ -44,11 +44,12 @@ from .compressors import (
     QueryCompressor,
     build_compressor,
     compact_compressor_state,
+    move_keeping_float32_buffers,
     naver_compressor_weights,
     split_compact_compressor_state,
     strip_adapter_prefix,
 )
-from .config import LongDocumentPolicy, PiscoConfig
+from .config import LONG_DOCUMENT_POLICIES, LongDocumentPolicy, PiscoConfig
 from .defaults import SHIPPED_MODELS, load_embedded
 from .errors import (
     CheckpointError,
@@ -58,7 +59,15 @@ from .errors import (
     RerankingUnavailableError,
 )
 from .memory import Memory, memory_key
-from .prompting import ChatTurn, PromptRenderer, RenderedPrompt, Segment, check_segment, split_tags
+from .prompting import (
+    ChatTurn,
+    PromptRenderer,
+    RenderedPrompt,
+    Segment,
+    check_segment,
+    pisco_encoder_inputs,
+    split_tags,
+)
 from .stores import LRUMemoryStore, MemoryStore
 from .verbosity import quiet_loading
 
@@ -268,7 +277,7 @@ class PiscoModel:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for module in (model, compressor):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                move_keeping_float32_buffers(module, device, dtype)
                 module.eval()
         return cls(model, tokenizer, config, compressor=compressor, store=store)
 
@@ -408,15 +417,28 @@ class PiscoModel:
         a reranking head each memory carries its relevance ``score`` from the same pass.
         A document longer than ``doc_max_length`` tokens is handled by ``long_documents``
         (default: the config's, ``"chunk"``): ``"chunk"`` gives one memory per chunk,
-        ``"truncate"`` keeps the first chunk with a warning, ``"error"`` raises. Each memory's
-        ``source_index`` names its document, so the result can be longer than ``documents``.
+        ``"truncate"`` keeps the first chunk with a warning, ``"naver"`` (PISCO) compresses the
+        document's first ``doc_max_length + 1`` tokens exactly as naver's reference code cuts
+        them (memories comparable with naver's published numbers), ``"error"`` raises. Each
+        memory's ``source_index`` names its document, so the result can be longer than
+        ``documents``.
         """
         documents = _check_documents(documents, "documents")
         queries = self._check_queries(queries, len(documents))
         policy = long_documents or self.config.long_documents
+        if policy not in LONG_DOCUMENT_POLICIES:
+            raise PiscoInputError(
+                f"long_documents must be one of {LONG_DOCUMENT_POLICIES}, got {policy!r}"
+            )
+        naver = policy == "naver"
+        if naver and self.compressor is not None:
+            raise PiscoInputError(
+                "long_documents='naver' reproduces naver's PISCO encoder input; OSCAR "
+                "compressors take 'chunk', 'truncate' or 'error'"
+            )
         pieces: list[tuple[int, int, str]] = []  # (document index, chunk index, text)
         for i, doc in enumerate(documents):
-            chunks = self.chunk(doc)
+            chunks = [doc] if naver else self.chunk(doc)
             if len(chunks) > 1 and policy == "error":
                 raise DocumentTooLongError(
                     f"documents[{i}] has {count_tokens(self.tokenizer, doc)} tokens, more than "
@@ -434,7 +456,8 @@ class PiscoModel:
 
         fp = self.fingerprint
         query_of = (lambda i: queries[i]) if queries is not None else (lambda i: None)
-        keys = [memory_key(fp, text, query_of(i)) for i, _, text in pieces]
+        variant = "naver-truncation" if naver else ""
+        keys = [memory_key(fp, text, query_of(i), variant) for i, _, text in pieces]
         stored = self._lookup(keys) if use_store else [None] * len(keys)
         todo = [n for n, m in enumerate(stored) if m is None]
         bar = tqdm(total=len(todo), desc="compressing", unit="chunk", disable=not show_progress)
@@ -443,11 +466,11 @@ class PiscoModel:
             batch = todo[start : start + batch_size]
             texts = [pieces[n][2] for n in batch]
             batch_queries = [query_of(pieces[n][0]) for n in batch] if queries else None
-            vectors, scores = self._compress_batch(texts, batch_queries)
+            vectors, scores = self._compress_batch(texts, batch_queries, naver_truncation=naver)
             for row, n in enumerate(batch):
                 score = float(scores[row]) if scores is not None else None
                 memory = Memory(
-                    vectors[row],
+                    vectors[row].clone(),  # its own storage, not a view of the whole batch
                     fp,
                     keys[n],
                     text=texts[row],
@@ -539,7 +562,7 @@ class PiscoModel:
 
     @torch.no_grad()
     def _compress_batch(
-        self, texts: Sequence[str], queries: Sequence[str] | None
+        self, texts: Sequence[str], queries: Sequence[str] | None, naver_truncation: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memories, rerank scores or None) in one forward pass of the compressor."""
         if self.compressor is not None:
@@ -547,19 +570,14 @@ class PiscoModel:
             with self._lock:
                 memories, scores = self.compressor(ids.to(self.device), mask.to(self.device))
             return memories.detach(), None if scores is None else scores.detach().float().cpu()
-        tok = self.tokenizer
-        inputs = ["<ENC>" + tok.bos_token + t + tok.eos_token for t in texts]
-        enc = tok(inputs, return_tensors="pt", padding="longest", add_special_tokens=False)
-        limit = self.config.doc_max_length + 3
-        if enc["input_ids"].shape[1] > limit:
-            raise DocumentTooLongError(
-                f"a chunk has {enc['input_ids'].shape[1] - 3} tokens, more than doc_max_length="
-                f"{self.config.doc_max_length}; pass documents through compress(), which chunks"
-            )
-        n = len(texts)
-        mem = torch.tensor(self.mem_token_ids).expand(n, -1)
-        input_ids = torch.cat([enc["input_ids"], mem], dim=1).to(self.device)
-        mask = torch.cat([enc["attention_mask"], torch.ones_like(mem)], dim=1).to(self.device)
+        input_ids, mask = pisco_encoder_inputs(
+            self.tokenizer,
+            texts,
+            self.mem_token_ids,
+            self.config.doc_max_length + 3,  # fixed width: a memory never depends on its batch
+            naver_truncation=naver_truncation,
+        )
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         with self._lock:
             use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from .errors import PiscoInputError, TagError
@@ -152,3 +153,51 @@ def check_segment(seg: object, where: str) -> Segment:
     if not seg.strip():
         raise PiscoInputError(f"{where} is an empty string; drop it or give text")
     return seg
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of document or query text, special-token strings included as plain text (a
+    document that spells ``<MEM0>`` or ``<|im_end|>`` never becomes a control token)."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def pisco_encoder_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    mem_token_ids: Sequence[int],
+    width: int | None,
+    *,
+    naver_truncation: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PISCO compressor inputs (naver's layout): ``<ENC>`` bos text eos, left-padded to
+    ``width`` tokens (``None``: the longest of the batch), then the memory tokens. The wrapper
+    is added as ids. A fixed ``width`` makes a memory independent of the rest of its batch.
+    ``naver_truncation`` cuts each row to ``width`` as naver's tokenizer call does (keeping
+    ``<ENC>``, bos and the first ``width - 2`` text tokens, no eos); otherwise a row longer than
+    ``width`` is a :class:`DocumentTooLongError`."""
+    from .errors import DocumentTooLongError
+
+    enc, bos, eos = (
+        tokenizer.convert_tokens_to_ids("<ENC>"),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    rows = [[enc, bos, *text_ids(tokenizer, t), eos] for t in texts]
+    if width is None:
+        width = max(len(r) for r in rows)
+    for r in rows:
+        if len(r) > width and not naver_truncation:
+            raise DocumentTooLongError(
+                f"a chunk has {len(r) - 3} tokens, more than the compressor's {width - 3}; pass "
+                "documents through compress(), which chunks them"
+            )
+    rows = [r[:width] for r in rows]
+    pad = tokenizer.pad_token_id
+    n = len(rows)
+    ids = torch.full((n, width + len(mem_token_ids)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) : width] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    ids[:, width:] = torch.tensor(list(mem_token_ids))
+    return ids, mask

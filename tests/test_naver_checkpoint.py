@@ -91,7 +91,7 @@ def reference_memories(base, tok, docs):
     enc = tok(
         texts,
         return_tensors="pt",
-        padding="longest",
+        padding="max_length",  # naver pads every document to the same width
         truncation=True,
         max_length=131,
         add_special_tokens=False,

@@ -42,6 +42,7 @@ from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
 from ..model import PiscoModel
+from ..prompting import pisco_encoder_inputs
 from .data import load_records, record_task, resolve_target_field, training_target
 
 logger = logging.getLogger(__name__)
@@ -178,18 +179,10 @@ class DistillationCollator:
         if model.compressor is not None:  # OSCAR: query-dependent
             ids, mask = model.compressor.encode_inputs(texts, queries)
             return {"enc_input_ids": ids, "enc_attention_mask": mask}
-        tok = model.tokenizer
-        enc = tok(
-            ["<ENC>" + tok.bos_token + t + tok.eos_token for t in texts],
-            return_tensors="pt",
-            padding="longest",
-            add_special_tokens=False,
-        )
-        mem = torch.tensor(model.mem_token_ids).expand(len(texts), -1)
-        return {
-            "enc_input_ids": torch.cat([enc["input_ids"], mem], dim=1),
-            "enc_attention_mask": torch.cat([enc["attention_mask"], torch.ones_like(mem)], dim=1),
-        }
+        # padded to the longest chunk of the batch, not to the fixed inference width: the same
+        # memories up to float rounding, with less padding to compute on
+        ids, mask = pisco_encoder_inputs(model.tokenizer, texts, model.mem_token_ids, width=None)
+        return {"enc_input_ids": ids, "enc_attention_mask": mask}
 
 
 # ---------------------------------------------------------------------- the student
