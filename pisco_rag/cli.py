@@ -1,4 +1,4 @@
-"""The ``pisco-rag`` command: ask a folder a question, precompute memories, show model info."""
+"""The pisco-rag command: ask a folder a question, precompute memories, show model info."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 
+from .cli_types import positive_int
 from .defaults import UNTRAINED_NOTICE, model_notice
 from .verbosity import set_verbose
 
@@ -24,7 +25,7 @@ def _load_model(args: argparse.Namespace):
             args.model, device=args.device, store=store, backbone=args.backbone
         )
     notice = model_notice(model.config)
-    if notice:
+    if notice and not getattr(args, "text", False):  # --text reads with the plain backbone
         print(f"NOTE: {notice}\n", file=sys.stderr)
     return model
 
@@ -171,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question over a folder of .txt/.md files")
     ask.add_argument("folder")
     ask.add_argument("question")
-    ask.add_argument("--top-k", type=int, default=5, help="chunks read (default 5)")
+    ask.add_argument("--top-k", type=positive_int, default=5, help="chunks read (default 5)")
     ask.add_argument(
         "--retrieve-k",
-        type=int,
+        type=positive_int,
         default=20,
         help="chunks retrieved before reranking, for models with a reranking head (default 20)",
     )
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=positive_int, default=64)
     ask.add_argument("--store", default=None, help="SQLite memory store to read and fill")
     ask.add_argument(
         "--text",
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output: SQLite store file (--format sqlite) or directory (parquet, lance)",
     )
-    comp.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass")
+    comp.add_argument("--batch-size", type=positive_int, default=16, help="chunks per forward pass")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.add_argument(
         "--ray",
@@ -210,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on Ray Data (pip install 'pisco-rag[ray]'): the current cluster, or a local one",
     )
     comp.add_argument("--ray-address", default=None, help="Ray cluster to join (with --ray)")
-    comp.add_argument("--workers", type=int, default=1, help="compressing actors (with --ray)")
+    comp.add_argument(
+        "--workers", type=positive_int, default=1, help="compressing actors (with --ray)"
+    )
     comp.add_argument(
         "--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (with --ray)"
     )
@@ -252,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(getattr(args, "verbose", False))
     try:
         return args.func(args)
+    except BrokenPipeError:  # `pisco-rag ask ... | head -1`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

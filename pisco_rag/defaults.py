@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .errors import CheckpointError
 from .verbosity import quiet_loading, warn_once
 
@@ -70,6 +68,7 @@ def embedded_backbone_dir(name: str) -> Path:
     if not (source / gguf_file).is_file():
         raise CheckpointError(f"{source / gguf_file} is missing; reinstall {package}")
     logger.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_loading():

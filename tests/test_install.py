@@ -111,3 +111,28 @@ def test_cli_ask_prints_the_answer_and_one_notice_only(tmp_path):
     assert out[0].startswith("Answer (5 compressed chunks): ")
     assert out[1:3] == ["", "Sources:"]
     assert len(out) == 8 and all(re.match(r"  \d\. examples|  \d\. /", line) for line in out[3:])
+
+
+def test_cli_help_imports_no_torch():
+    """Help and argument errors answer at once: nothing heavy is imported to parse arguments."""
+    code = (
+        "import sys\n"
+        "from pisco_rag.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_cli_rejects_bad_numbers(value, capsys):
+    from pisco_rag.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "examples/docs", "question?", "--top-k", value])
+    assert exit_info.value.code == 2
+    assert "--top-k" in capsys.readouterr().err

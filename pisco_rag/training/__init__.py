@@ -16,24 +16,33 @@ from .data import (
     read_jsonl,
     write_jsonl,
 )
-from .teacher import (
-    CrossEncoderScorer,
-    EmbeddingScorer,
-    GoldRelevanceScorer,
-    TextTeacher,
-    label_records,
-    make_scorer,
-    score_records,
-)
 
-_TRAINER = ("DistillationCollator", "PiscoTrainer", "StudentModule", "TrainConfig", "train")
+# torch-heavy modules load on first use (the command line's help stays instant)
+_LAZY = {
+    **dict.fromkeys(
+        ("DistillationCollator", "PiscoTrainer", "StudentModule", "TrainConfig", "train"),
+        "trainer",
+    ),
+    **dict.fromkeys(
+        (
+            "CrossEncoderScorer",
+            "EmbeddingScorer",
+            "GoldRelevanceScorer",
+            "TextTeacher",
+            "label_records",
+            "make_scorer",
+            "score_records",
+        ),
+        "teacher",
+    ),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TRAINER:
-        from . import trainer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(trainer, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

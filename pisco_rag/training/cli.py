@@ -12,6 +12,7 @@ import sys
 import warnings
 from typing import Any
 
+from ..cli_types import positive_int
 from ..errors import PiscoError, PiscoInputError
 
 
@@ -222,14 +223,14 @@ def add_train_commands(subparsers: Any) -> None:
     bd.add_argument("--out", required=True, help="output JSONL file")
     bd.add_argument(
         "--n-documents",
-        type=int,
+        type=positive_int,
         default=5,
         help="documents per question: gold + retrieved distractors (default 5)",
     )
-    bd.add_argument("--limit", type=int, default=None, help="random sample of the split")
+    bd.add_argument("--limit", type=positive_int, default=None, help="random sample of the split")
     bd.add_argument(
         "--pool-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="retrieve distractors from a random sample of this many passages of the split "
         "(default: all of them)",
@@ -258,8 +259,8 @@ def add_train_commands(subparsers: Any) -> None:
         help="causal LM: embedded:smollm2-135m-instruct, a directory or a hub id",
     )
     lb.add_argument("--out", required=True, help="output JSONL (appended; resumes)")
-    lb.add_argument("--batch-size", type=int, default=8)
-    lb.add_argument("--max-new-tokens", type=int, default=64)
+    lb.add_argument("--batch-size", type=positive_int, default=8)
+    lb.add_argument("--max-new-tokens", type=positive_int, default=64)
     lb.add_argument("--bf16", action="store_true", help="load the teacher in bfloat16")
     lb.add_argument("--no-resume", action="store_true", help="fail if --out exists")
     _device_args(lb)
@@ -275,7 +276,7 @@ def add_train_commands(subparsers: Any) -> None:
         "'minilm' (bi-encoder cosine); the last two run offline",
     )
     sc.add_argument("--out", required=True, help="output JSONL (appended; resumes)")
-    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--batch-size", type=positive_int, default=16)
     sc.add_argument("--no-resume", action="store_true", help="fail if --out exists")
     _device_args(sc)
     quiet(sc)
@@ -308,7 +309,7 @@ def add_train_commands(subparsers: Any) -> None:
     )
     tr.add_argument(
         "--lora-r",
-        type=int,
+        type=positive_int,
         default=16,
         help="with --from-backbone: LoRA rank of the new adapters (alpha = 2 x rank)",
     )
@@ -326,24 +327,26 @@ def add_train_commands(subparsers: Any) -> None:
     )
     tr.add_argument("--max-steps", type=int, default=-1)
     tr.add_argument("--epochs", type=float, default=1.0)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    tr.add_argument("--batch-size", type=positive_int, default=8)
+    tr.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="gradient accumulation steps"
+    )
     tr.add_argument("--decoder-lr", type=float, default=1e-4)
     tr.add_argument("--compressor-lr", type=float, default=1e-4)
     tr.add_argument("--weight-decay", type=float, default=0.1)
     tr.add_argument("--warmup-ratio", type=float, default=0.05)
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--rerank-weight", type=float, default=0.05)
-    tr.add_argument("--logging-steps", type=int, default=10)
-    tr.add_argument("--eval-steps", type=int, default=None)
+    tr.add_argument("--logging-steps", type=positive_int, default=10)
+    tr.add_argument("--eval-steps", type=positive_int, default=None)
     tr.add_argument(
         "--eval-generate",
         type=int,
         default=0,
         help="at each evaluation, also answer this many eval records (Match)",
     )
-    tr.add_argument("--save-steps", type=int, default=500)
-    tr.add_argument("--save-total-limit", type=int, default=3)
+    tr.add_argument("--save-steps", type=positive_int, default=500)
+    tr.add_argument("--save-total-limit", type=positive_int, default=3)
     tr.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -369,7 +372,7 @@ def add_train_commands(subparsers: Any) -> None:
     ev.add_argument("--model", default="embedded", help="checkpoint directory, hub id, embedded")
     ev.add_argument("--backbone", default=None, help="override the checkpoint's base model")
     ev.add_argument("--out", required=True, help="JSON report path")
-    ev.add_argument("--limit", type=int, default=None, help="first N records")
+    ev.add_argument("--limit", type=positive_int, default=None, help="first N records")
     ev.add_argument(
         "--modes",
         default="text,text_decoder,compressed",
@@ -389,12 +392,12 @@ def add_train_commands(subparsers: Any) -> None:
     )
     ev.add_argument(
         "--top-n",
-        type=int,
+        type=positive_int,
         default=None,
         help="OSCAR: also answer from the top-n documents of each ranking",
     )
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument(
         "--allow-train-split",
         action="store_true",
