@@ -119,7 +119,7 @@ def test_cli_help_imports_no_torch():
         "import sys\n"
         "from pisco_rag.cli import build_parser\n"
         "build_parser().format_help()\n"
-        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     result = subprocess.run(
