@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -55,7 +56,9 @@ def embedded_backbone_dir(name: str) -> Path:
             f"unknown embedded backbone {name!r}; known: {', '.join(EMBEDDED_BACKBONES)}"
         )
     package, gguf_file = EMBEDDED_BACKBONES[name]
-    target = cache_dir() / name
+    # one conversion per transformers major version: v5 writes tokenizer files v4 cannot read
+    major = metadata.version("transformers").split(".")[0]
+    target = cache_dir() / f"{name}-transformers{major}"
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec(package)  # located, not imported: its __init__ needs a CLI
