@@ -234,7 +234,7 @@ def test_lance_store_keeps_memories_beside_retrieval_vectors(tmp_path):
     assert len(model.store) == len(memories)
     calls = []
     original = model._compress_batch
-    model._compress_batch = lambda *a: calls.append(1) or original(*a)
+    model._compress_batch = lambda *a, **k: calls.append(1) or original(*a, **k)
     model.compress(TEXTS)
     assert not calls  # served from the Lance table
     model.store.optimize()

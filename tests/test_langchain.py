@@ -714,7 +714,7 @@ def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
     assert all(k.startswith("pisco/") for k in byte_store.yield_keys())
     assert "pisco/tag_secret" in list(byte_store.yield_keys())
 
-    def no_compute(texts, queries=None):
+    def no_compute(texts, queries=None, **kwargs):
         raise AssertionError("memories should come from the byte store")
 
     monkeypatch.setattr(reader, "_compress_batch", no_compute)

@@ -47,9 +47,9 @@ def test_compress_reuses_the_store(tiny_model):
     calls = []
     original = tiny_model._compress_batch
 
-    def counting(texts, queries):
+    def counting(texts, queries, **kwargs):
         calls.append(len(texts))
-        return original(texts, queries)
+        return original(texts, queries, **kwargs)
 
     tiny_model._compress_batch = counting
     try:
