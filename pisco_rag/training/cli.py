@@ -190,6 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     report["data"]["source"] = str(args.data)
+    report["command"] = "pisco-rag " + " ".join(sys.argv[1:])
     write_report(report, args.out)
     print(summary(report))
     print(f"report -> {args.out}")
