@@ -680,14 +680,7 @@ class PiscoModel:
                 self._activate_decoder(adapter)
                 try:
                     embeds, mask = self._embed(batch)
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = self.model(
-                        inputs_embeds=embeds,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        logits_to_keep=keep,
-                        use_cache=False,
-                    ).logits.float()
+                    logits = tail_logits(self.model, embeds, mask, keep).float()
                 finally:
                     if adapter == "none":
                         use_adapter(self.model, DECODER)
@@ -1006,6 +999,21 @@ def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) ->
         tokenizer.pad_token = tokenizer.bos_token
     with quiet_loading():  # transformers explains its mean-resizing of new rows at length
         model.resize_token_embeddings(len(tokenizer))
+
+
+def tail_logits(
+    backbone: PreTrainedModel, embeds: torch.Tensor, mask: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of left-padded rows (position ids from the mask,
+    as in generation): what answer likelihoods and the training loss need."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return backbone(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits
 
 
 def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:

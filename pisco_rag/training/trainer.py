@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
-from ..model import PiscoModel
+from ..model import PiscoModel, tail_logits
 from ..prompting import pisco_encoder_inputs
 from .data import load_records, record_task, resolve_target_field, training_target
 
@@ -246,16 +246,9 @@ class StudentModule(nn.Module):
                     "memory-token strings"
                 )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             answer_len = int((labels != -100).sum(-1).max())
             keep = answer_len + 1  # answers sit at the end of the left-padded rows
-            logits = self.backbone(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=keep,
-                use_cache=False,
-            ).logits
+            logits = tail_logits(self.backbone, embeds, attention_mask, keep)
         targets = labels[:, -keep:][:, 1:]
         ce = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
