@@ -83,7 +83,8 @@ def use_adapter(model: torch.nn.Module, name: str | None) -> None:
             layer.enable_adapters(False)
         return
     for layer in layers:
-        layer.enable_adapters(True)
+        if layer.disable_adapters:  # only after use_adapter(model, None): set_adapter does the rest
+            layer.enable_adapters(True)
     set_adapter(model, name)
 
 

@@ -67,6 +67,7 @@ from .prompting import (
     check_segment,
     pisco_encoder_inputs,
     split_tags,
+    text_ids,
 )
 from .stores import LRUMemoryStore, MemoryStore
 from .verbosity import quiet_loading
@@ -671,8 +672,7 @@ class PiscoModel:
             for p, a in zip(
                 prompts[start : start + batch_size], answers[start : start + batch_size]
             ):
-                ids = self.tokenizer(a, add_special_tokens=False, split_special_tokens=True)
-                answer = [*ids["input_ids"], eos]
+                answer = [*text_ids(self.tokenizer, a), eos]
                 batch.append(RenderedPrompt([*p.input_ids, *answer], p.memories))
                 n_answer.append(len(answer))
             keep = max(n_answer) + 1

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .errors import PiscoInputError, TagError
+from .errors import DocumentTooLongError, PiscoInputError, TagError
 from .memory import Memory
 from .tags import LOOSE_TAG_PATTERN, TAG_PATTERN
 
@@ -138,7 +138,7 @@ class PromptRenderer:
             if m.start() > pos:
                 ids += tok(rendered[pos : m.start()], add_special_tokens=False)["input_ids"]
             piece = texts[int(m.group(1))]
-            ids += tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids += text_ids(tok, piece)
             pos = m.end()
         if pos < len(rendered):
             ids += tok(rendered[pos:], add_special_tokens=False)["input_ids"]
@@ -175,8 +175,6 @@ def pisco_encoder_inputs(
     ``naver_truncation`` cuts each row to ``width`` as naver's tokenizer call does (keeping
     ``<ENC>``, bos and the first ``width - 2`` text tokens, no eos); otherwise a row longer than
     ``width`` is a :class:`DocumentTooLongError`."""
-    from .errors import DocumentTooLongError
-
     enc, bos, eos = (
         tokenizer.convert_tokens_to_ids("<ENC>"),
         tokenizer.bos_token_id,

@@ -42,7 +42,7 @@ from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
 from ..model import PiscoModel, tail_logits
-from ..prompting import pisco_encoder_inputs
+from ..prompting import pisco_encoder_inputs, text_ids
 from .data import load_records, record_task, resolve_target_field, training_target
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ class DistillationCollator:
                     raise PiscoInputError(
                         f"record {rec.get('id')!r} has no {field_name!r} to learn"
                     )
-                answer = tok(target, add_special_tokens=False, split_special_tokens=True)
-                answer = [*answer["input_ids"][:limit], tok.eos_token_id]
+                answer = [*text_ids(tok, target)[:limit], tok.eos_token_id]
             rows.append((prompt, answer))
         batch = self._compressor_inputs(texts, queries)
         width = max(len(p) + len(a) for p, a in rows)
