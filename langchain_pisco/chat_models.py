@@ -48,8 +48,11 @@ class ChatPisco(BaseChatModel):
     :class:`~langchain_pisco.PiscoDocumentCompressor` or ``PiscoModel.tag``): each tag is
     replaced by its memory vectors in the decoder's input embeddings, so the model reads the
     compressed document instead of its text. A prompt without tags is plain text generation.
-    A tag minted by another model's store, or one whose memory is no longer stored, raises
-    :class:`pisco_rag.TagError`; a malformed tag also raises ``TagError``.
+    Text that only looks like a tag (malformed, or minted by another store) is read as text; a
+    tag of this store whose memory is no longer stored raises :class:`pisco_rag.TagError`.
+    Tags are capabilities: pass untrusted user text through :func:`pisco_rag.escape_tags`
+    before it joins a prompt (``{"question": RunnableLambda(escape_tags)}``), as
+    :class:`~langchain_pisco.PiscoDocumentCompressor` does for documents.
 
     Supports ``invoke``, ``stream``, ``batch`` and their async forms; returns
     ``usage_metadata`` (input, output and total tokens) and ``response_metadata``

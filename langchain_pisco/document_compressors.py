@@ -13,7 +13,7 @@ from langchain_core.runnables import run_in_executor
 from pydantic import ConfigDict, Field
 
 from pisco_rag import PiscoInputError, PiscoModel
-from pisco_rag.tags import TAG_PATTERN
+from pisco_rag.tags import TAG_PATTERN, escape_tags
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
     longer than the model's ``doc_max_length`` is split into chunks and gets one tag per chunk,
     concatenated. The document's id and metadata are kept, and its original text is stored in
     ``metadata["pisco_original_text"]`` (:data:`ORIGINAL_TEXT_KEY`) so that sources can still
-    be shown to users. Only a :class:`~langchain_pisco.ChatPisco` on the same ``PiscoModel`` (or
-    one sharing its memory store) can read the tags.
+    be shown to users. Tags only ever come from this compressor: a document whose content looks
+    compressed is compressed again from its original text, and tag-like text in string metadata
+    is escaped (:func:`pisco_rag.tags.escape_tags`). Only a :class:`~langchain_pisco.ChatPisco`
+    on the same ``PiscoModel`` (or one sharing its memory store) can read the tags.
 
     PISCO compression does not depend on the query: with a PISCO model ``query`` is ignored.
     An OSCAR model (``pisco_model.config.is_oscar``) compresses each document *for* the query,
@@ -78,17 +80,20 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
         metadata, original text in ``metadata["pisco_original_text"]``). ``query`` is used by
         OSCAR models only."""
         todo: list[Document] = []
-        out: list[Document | None] = []
-        for doc in documents:
-            if _is_compressed(doc):  # already went through a PISCO compressor: keep it
-                out.append(doc)
-            elif not doc.page_content.strip():
+        texts: list[str] = []
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, Document):
+                raise PiscoInputError(
+                    f"documents[{i}] must be a langchain Document, got {type(doc).__name__}"
+                )
+            text = _source_text(doc)
+            if not text.strip():
                 logger.warning("dropping document %r: its text is empty", doc.id)
-            else:
-                out.append(None)
-                todo.append(doc)
+                continue
+            todo.append(doc)
+            texts.append(text)
         if not todo:
-            return [d for d in out if d is not None]
+            return []
         queries = None
         if self.pisco_model.config.is_oscar:  # OSCAR memories depend on the question
             if not isinstance(query, str) or not query.strip():
@@ -98,7 +103,7 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
                 )
             queries = [query] * len(todo)
         memories = self.pisco_model.compress(
-            [d.page_content for d in todo],
+            texts,
             queries=queries,
             batch_size=self.batch_size,
             show_progress=self.show_progress,
@@ -107,19 +112,18 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
         tags: list[list[str]] = [[] for _ in todo]
         for memory in memories:
             tags[memory.source_index].append(self.pisco_model.tag(memory))
-        fresh = iter(
+        return [
             Document(
                 page_content="".join(doc_tags),
                 metadata={
-                    **doc.metadata,
-                    ORIGINAL_TEXT_KEY: doc.page_content,
+                    **_escaped(doc.metadata),
+                    ORIGINAL_TEXT_KEY: text,
                     MEMORY_COUNT_KEY: len(doc_tags),
                 },
                 id=doc.id,
             )
-            for doc, doc_tags in zip(todo, tags)
-        )
-        return [d if d is not None else next(fresh) for d in out]
+            for doc, text, doc_tags in zip(todo, texts, tags)
+        ]
 
     async def acompress_documents(
         self,
@@ -132,8 +136,19 @@ class PiscoDocumentCompressor(BaseDocumentCompressor):
         return await run_in_executor(None, self.compress_documents, documents, query, callbacks)
 
 
-def _is_compressed(doc: Document) -> bool:
-    return ORIGINAL_TEXT_KEY in doc.metadata and _ONLY_TAGS.fullmatch(doc.page_content) is not None
+def _source_text(doc: Document) -> str:
+    """The text to compress: a document that went through a PISCO compressor before is
+    compressed again from its original text (a store hit, same tags), never passed on as is:
+    its ``page_content`` is data, and tags in data are never trusted."""
+    original = doc.metadata.get(ORIGINAL_TEXT_KEY)
+    if isinstance(original, str) and _ONLY_TAGS.fullmatch(doc.page_content):
+        return original
+    return doc.page_content
+
+
+def _escaped(metadata: dict[str, Any]) -> dict[str, Any]:
+    # metadata is document data: a prompt that shows it must never resolve a tag from it
+    return {k: escape_tags(v) if isinstance(v, str) else v for k, v in metadata.items()}
 
 
 def original_documents(documents: Sequence[Document]) -> list[Document]:

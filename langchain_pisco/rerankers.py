@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from pisco_rag import PiscoInputError, PiscoModel, RerankingUnavailableError
 
-from .document_compressors import MEMORY_COUNT_KEY, ORIGINAL_TEXT_KEY, _is_compressed
+from .document_compressors import MEMORY_COUNT_KEY, ORIGINAL_TEXT_KEY, _escaped, _source_text
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class OscarReranker(BaseDocumentCompressor):
             )
         kept: list[tuple[Document, str]] = []
         for doc in documents:
-            text = doc.metadata[ORIGINAL_TEXT_KEY] if _is_compressed(doc) else doc.page_content
+            text = _source_text(doc)
             if text.strip():
                 kept.append((doc, text))
             else:
@@ -143,7 +143,7 @@ class OscarReranker(BaseDocumentCompressor):
                 Document(
                     page_content="".join(self.pisco_model.tag(m) for m in r.memories),
                     metadata={
-                        **doc.metadata,
+                        **_escaped(doc.metadata),
                         ORIGINAL_TEXT_KEY: text,
                         MEMORY_COUNT_KEY: len(r.memories),
                         RELEVANCE_SCORE_KEY: r.score,

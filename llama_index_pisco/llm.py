@@ -24,8 +24,10 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import BasePromptTemplate
 
 from pisco_rag import Completion, PiscoInputError, PiscoModel
+from pisco_rag.tags import escape_tags
 
 from ._common import check_model
 
@@ -40,12 +42,14 @@ class PiscoLLM(CustomLLM):
     Prompts and chat messages may hold memory tags (``[[pisco:...]]``, put there by
     :class:`~llama_index_pisco.PiscoCompressor`); each tag is resolved from ``model.store`` and
     its memory vectors are spliced into the decoder's input. A prompt without tags is plain text
-    generation. Prompts are rendered with the backbone's chat template (``complete`` sends the
+    generation. Text that only looks like a tag (malformed, or minted by another store) is read
+    as text; in ``predict``/query engines, tag-like text in template variables other than
+    ``trusted_prompt_args`` (the user's ``query_str``, ...) is escaped, so users cannot paste
+    tags. Prompts are rendered with the backbone's chat template (``complete`` sends the
     prompt as one user turn), so ``messages_to_prompt``/``completion_to_prompt`` are not used.
 
     Sync, streaming and async variants of ``complete`` and ``chat`` all work; async calls run
-    the model in a worker thread so the event loop stays free. A tag made by another model or
-    store raises :class:`~pisco_rag.TagError`.
+    the model in a worker thread so the event loop stays free.
     """
 
     max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
@@ -68,11 +72,40 @@ class PiscoLLM(CustomLLM):
         description="Override the context window (default: the backbone's max positions).",
     )
 
+    trusted_prompt_args: list[str] = Field(
+        default_factory=lambda: ["context_str"],
+        description=(
+            "Prompt-template variables whose memory tags are resolved (the context that "
+            "PiscoCompressor filled). Tag-like text in every other variable, such as the "
+            "user's query_str, is escaped and stays text."
+        ),
+    )
+
     _model: PiscoModel = PrivateAttr()
 
     def __init__(self, model: PiscoModel, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._model = check_model(model, "PiscoLLM")
+
+    # predict()/stream()/chat engines format templates through these two: the user's variables
+    # (also those bound early with partial_format, as response synthesizers bind query_str)
+    # are escaped there, so a pasted tag can never splice a memory
+    def _get_prompt(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        return super()._get_prompt(self._escape_partials(prompt), **self._escape(prompt_args))
+
+    def _get_messages(self, prompt: BasePromptTemplate, **prompt_args: Any) -> list[ChatMessage]:
+        return super()._get_messages(self._escape_partials(prompt), **self._escape(prompt_args))
+
+    def _escape(self, prompt_args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: escape_tags(v) if isinstance(v, str) and k not in self.trusted_prompt_args else v
+            for k, v in prompt_args.items()
+        }
+
+    def _escape_partials(self, prompt: BasePromptTemplate) -> BasePromptTemplate:
+        escaped = self._escape(prompt.kwargs)
+        changed = {k: v for k, v in escaped.items() if v is not prompt.kwargs[k]}
+        return prompt.partial_format(**changed) if changed else prompt
 
     @classmethod
     def class_name(cls) -> str:
@@ -183,16 +216,27 @@ class PiscoLLM(CustomLLM):
         )
 
     @staticmethod
-    def _completion_gen(pieces: Iterator[str]) -> CompletionResponseGen:
-        text = ""
+    def _pieces_or_empty(pieces: Iterator[str]) -> Iterator[str]:
+        """The pieces, or one empty piece for an empty answer: LlamaIndex's callbacks need a
+        last response to report."""
+        empty = True
         for piece in pieces:
+            empty = False
+            yield piece
+        if empty:
+            yield ""
+
+    @classmethod
+    def _completion_gen(cls, pieces: Iterator[str]) -> CompletionResponseGen:
+        text = ""
+        for piece in cls._pieces_or_empty(pieces):
             text += piece
             yield CompletionResponse(text=text, delta=piece)
 
-    @staticmethod
-    def _chat_gen(pieces: Iterator[str]) -> ChatResponseGen:
+    @classmethod
+    def _chat_gen(cls, pieces: Iterator[str]) -> ChatResponseGen:
         text = ""
-        for piece in pieces:
+        for piece in cls._pieces_or_empty(pieces):
             text += piece
             yield ChatResponse(
                 message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece

@@ -15,7 +15,10 @@ from typing import Any
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 
+from pisco_rag.tags import escape_tags
+
 _CLASSES: dict[type[BaseNode], type[BaseNode]] = {}
+_CONTENT = "\ue000pisco-content\ue001"  # private-use marks: cannot come from a template
 
 
 class _CompressedContent:
@@ -33,7 +36,9 @@ class _CompressedContent:
         if not metadata_str:
             return self._pisco_llm_text
         template = getattr(self, "text_template", "{metadata_str}\n\n{content}")
-        return template.format(content=self._pisco_llm_text, metadata_str=metadata_str).strip()
+        # everything but the tags this node was given is document data: escaped, it stays text
+        around = template.format(content=_CONTENT, metadata_str=metadata_str).strip()
+        return escape_tags(around).replace(_CONTENT, self._pisco_llm_text)
 
     def get_content_blocks(self, metadata_mode: MetadataMode = MetadataMode.NONE) -> list[Any]:
         if metadata_mode != MetadataMode.LLM or self._pisco_llm_text is None:

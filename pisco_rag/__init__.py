@@ -14,6 +14,7 @@ from .errors import (
     RerankingUnavailableError,
     TagError,
 )
+from .tags import escape_tags
 
 # The rest imports torch and transformers (seconds): loaded on first use, so that
 # `pisco-rag --help` and argument errors answer at once.
@@ -64,5 +65,6 @@ __all__ = [
     "SQLiteMemoryStore",
     "TagError",
     "TextStream",
+    "escape_tags",
     "memory_key",
 ]

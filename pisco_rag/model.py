@@ -8,6 +8,7 @@ adapters under one lock, so threads and event loops can share a model.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -883,6 +884,7 @@ class PiscoModel:
         outcome: dict[str, Any] = {}
 
         def run() -> None:
+            _LIVE_GENERATIONS[threading.current_thread()] = cancel
             try:
                 with torch.no_grad(), self._lock:
                     self._activate_decoder(adapter)
@@ -897,8 +899,10 @@ class PiscoModel:
             except BaseException as e:  # surfaced in the consumer's thread
                 outcome["error"] = e
                 streamer.end()
+            finally:
+                _LIVE_GENERATIONS.pop(threading.current_thread(), None)
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=run, daemon=True, name="pisco-stream")
         thread.start()
         return TextStream(streamer, thread, cancel, outcome, stop, self, prompt, max_new_tokens)
 
@@ -976,6 +980,18 @@ class TextStream(Iterator[str]):
                 )
         finally:
             self._cancel.set()
+
+
+# Streams still generating; stopped and joined at interpreter exit, since a daemon thread
+# killed inside a torch op aborts the process ("terminate called without an active exception").
+_LIVE_GENERATIONS: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def _stop_live_generations(timeout_s: float = 30.0) -> None:
+    for thread, cancel in list(_LIVE_GENERATIONS.items()):
+        cancel.set()
+        thread.join(timeout_s)
 
 
 class _Cancelled(StoppingCriteria):

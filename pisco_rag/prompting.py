@@ -7,6 +7,7 @@ writes the memory vectors into the input embeddings at the ``<MEMi>`` positions.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from typing import Union
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .errors import DocumentTooLongError, PiscoInputError, TagError
+from .errors import DocumentTooLongError, PiscoInputError
 from .memory import Memory
 from .tags import LOOSE_TAG_PATTERN, TAG_PATTERN
 
+logger = logging.getLogger(__name__)
 Segment = Union[str, Memory]  # noqa: UP007 (runtime alias)
 
 # Used for tokenizers without a chat template (base models, tiny test models).
@@ -43,20 +45,24 @@ class RenderedPrompt:
     memories: list[Memory]
 
 
-def split_tags(text: str, resolve: Callable[[str, str], Memory]) -> list[Segment]:
-    """Split ``text`` at memory tags, resolving each with ``resolve(key, mac)``."""
+def split_tags(text: str, resolve: Callable[[str, str], Memory | None]) -> list[Segment]:
+    """Split ``text`` at memory tags, resolving each with ``resolve(key, mac)``.
+
+    Only tags that ``resolve`` accepts become memories: anything else shaped like a tag (a
+    malformed one, or one minted by another store, so ``resolve`` returns None) stays text, so
+    a document or user that merely contains tag-like text can never fail or hijack a request.
+    """
     segments: list[Segment] = []
     pos = 0
     for loose in LOOSE_TAG_PATTERN.finditer(text):
         strict = TAG_PATTERN.fullmatch(loose.group(0))
-        if strict is None:
-            raise TagError(
-                f"malformed memory tag {loose.group(0)!r} in the prompt: tags are minted by "
-                "PiscoModel.tag()/the memory store and must be passed on unchanged"
-            )
+        memory = resolve(strict.group(1), strict.group(2)) if strict else None
+        if memory is None:
+            logger.debug("text shaped like a memory tag is read as text: %r", loose.group(0))
+            continue
         if loose.start() > pos:
             segments.append(text[pos : loose.start()])
-        segments.append(resolve(strict.group(1), strict.group(2)))
+        segments.append(memory)
         pos = loose.end()
     if pos < len(text):
         segments.append(text[pos:])

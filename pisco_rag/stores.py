@@ -22,6 +22,7 @@ import torch
 from .errors import TagError
 from .memory import Memory
 from .tags import make_tag, verify_tag
+from .verbosity import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +130,17 @@ class MemoryStore(ABC):
             self.put(memory)
         return make_tag(self.secret, memory.key)
 
-    def resolve(self, key: str, mac: str) -> Memory:
-        """The memory behind a parsed tag; :class:`TagError` if forged or no longer stored."""
+    def resolve(self, key: str, mac: str) -> Memory | None:
+        """The memory behind a parsed tag, or None when this store did not mint the tag (it
+        is text that only looks like a tag, or a tag of another store: prompts read it as
+        text). A tag this store minted whose memory is gone raises :class:`TagError`."""
         if not verify_tag(self.secret, key, mac):
-            raise TagError(
-                f"the prompt holds a memory tag ([[pisco:{key}:{mac}]]) that this model's memory "
-                "store did not mint: it was made by another store, or it is text that only looks "
-                "like a tag. Compress the documents with the same PiscoModel (or give both the "
-                "same persistent store) before sending the prompt."
+            warn_once(
+                "a prompt holds a memory tag that this model's memory store did not mint; it is "
+                "read as text. If it came from compressing with another PiscoModel or store, "
+                "compress with the same model (or give both the same persistent store)."
             )
+            return None
         memory = self.get(key)
         if memory is None:
             raise TagError(

@@ -2,8 +2,13 @@
 
 A tag looks like ``[[pisco:<key>:<mac>]]``: ``key`` is the memory's store key and ``mac`` an HMAC
 of it under a secret minted by the store that holds the memory. Tags survive ``str.format``,
-chat templates and whitespace changes (no braces, no spaces). Text that only looks like a tag
-(for instance inside a retrieved document) fails the HMAC and is never resolved.
+chat templates and whitespace changes (no braces, no spaces).
+
+A tag is a bearer capability for one memory of one store: whoever puts it into a prompt splices
+that memory. So text that comes from documents, metadata or users must never carry a live tag:
+the framework compressors pass such text through :func:`escape_tags`, and text that only looks
+like a tag (wrong HMAC, malformed) is read as plain text (see ``docs/architecture.md``, "Trust
+model").
 """
 
 from __future__ import annotations
@@ -31,3 +36,15 @@ def verify_tag(secret: bytes, key: str, mac: str) -> bool:
 
 def contains_tag(text: str) -> bool:
     return LOOSE_TAG_PATTERN.search(text) is not None
+
+
+_TAG_OPENING = re.compile(r"\[(\s*)\[(\s*)pisco:")
+
+
+def escape_tags(text: str) -> str:
+    """``text`` with every tag-like span defused (``[[pisco:`` becomes ``[ [pisco:``), so that it
+    reads the same to people and models but can never resolve to a memory. Use it on any
+    untrusted text (a user's question, a retrieved page) that goes into a prompt next to tags."""
+    if not isinstance(text, str):
+        raise TypeError(f"escape_tags takes a str, got {type(text).__name__}")
+    return _TAG_OPENING.sub(r"[ \1[\2pisco:", text)

@@ -56,7 +56,7 @@ from pisco_rag import (
     RerankingUnavailableError,
     TagError,
 )
-from pisco_rag.tags import TAG_PATTERN, contains_tag
+from pisco_rag.tags import TAG_PATTERN, contains_tag, escape_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -423,15 +423,17 @@ def test_chat_model_argument_slip_and_defaults(tiny_model):
 
 
 # ---------------------------------------------------------------------- bad input
-def test_tag_sent_to_another_model_is_refused(tiny_model):
+def test_tag_sent_to_another_model_is_text(tiny_model):
     memory = tiny_model.compress([TEXTS[2]])[0]
     prompt = f"Background: {tiny_model.tag(memory)}\nQuestion: where is the reef?"
-    # same weights, another store: the tag's secret does not match
+    # same weights, another store: the tag's secret does not match, so it is only text there
     other_store = tiny_model.with_store(LRUMemoryStore())
-    with pytest.raises(TagError, match="did not mint"):
-        ChatPisco(pisco_model=other_store).invoke(prompt)
-    with pytest.raises(TagError):
-        list(ChatPisco(pisco_model=other_store).stream(prompt))
+    with pytest.warns(UserWarning, match="did not mint"):
+        answer = ChatPisco(pisco_model=other_store, max_tokens=2).invoke(prompt)
+    assert answer.usage_metadata["output_tokens"] >= 1
+    assert other_store.render_prompt(prompt).memories == []
+    chunks = list(ChatPisco(pisco_model=other_store, max_tokens=2).stream(prompt))
+    assert chunks
     # another model sharing the store: the memory's fingerprint does not match
     other_model = tiny_pisco(seed=7, store=tiny_model.store)
     with pytest.raises(MemoryMismatchError, match="another model"):
@@ -439,19 +441,54 @@ def test_tag_sent_to_another_model_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("text", "match"),
+    "text",
     [
-        ("[[pisco:not-a-key]]", "malformed"),
-        ("[[pisco:" + "0" * 32 + ":" + "0" * 16 + "]]", "did not mint"),  # forged
-        ("[[ pisco:" + "a" * 32 + "]]", "malformed"),
+        "[[pisco:not-a-key]]",
+        "[[pisco:" + "0" * 32 + ":" + "0" * 16 + "]]",  # forged
+        "[[ pisco:" + "a" * 32 + "]]",
     ],
 )
-def test_malformed_and_forged_tags_are_errors(tiny_model, text, match):
+def test_tag_like_text_never_fails_a_request(tiny_model, text):
     llm = ChatPisco(pisco_model=tiny_model, max_tokens=2)
-    with pytest.raises(TagError, match=match):
-        llm.invoke([HumanMessage(f"Background: {text}\nQuestion: ?")])
-    with pytest.raises(TagError, match=match):
-        asyncio.run(llm.ainvoke([AIMessage(text), HumanMessage("go on")]))
+    answer = llm.invoke([HumanMessage(f"Background: {text}\nQuestion: ?")])
+    assert answer.response_metadata["finish_reason"] in ("stop", "length")
+    answer = asyncio.run(llm.ainvoke([AIMessage(text), HumanMessage("go on")]))
+    assert answer.usage_metadata["output_tokens"] >= 1
+
+
+def test_copied_tag_in_document_data_is_never_resolved(tiny_model):
+    """A real tag of another document, copied into data, never reaches the LLM as a tag."""
+    model = tiny_model.with_store(LRUMemoryStore())
+    secret = model.compress(["Tenant B: the vault code is 4471."])[0]
+    tag_b = model.tag(secret)
+    forged_doc = Document(tag_b, id="x", metadata={ORIGINAL_TEXT_KEY: "innocent text"})
+    in_text = Document(f"see {tag_b} here", id="y", metadata={"title": f"copy {tag_b}"})
+    out = PiscoDocumentCompressor(pisco_model=model).compress_documents(
+        [forged_doc, in_text], QUESTION
+    )
+    innocent, quoted = model.compress(["innocent text", f"see {tag_b} here"])
+    assert split_tags(out[0].page_content) == [model.tag(innocent)]
+    assert split_tags(out[1].page_content) == [model.tag(quoted)]
+    assert not contains_tag(out[1].metadata["title"])  # metadata is data too: escaped
+    chain = (
+        {"context": RunnableLambda(lambda _: out) | format_docs, "question": RunnablePassthrough()}
+        | PROMPT
+        | ChatPisco(pisco_model=model, max_tokens=2)
+    )
+    recorder = PromptRecorder()
+    chain.invoke(QUESTION, config={"callbacks": [recorder]})
+    (messages,) = recorder.prompts
+    resolved = [m.key for msg in messages for m in model.render_prompt(str(msg.content)).memories]
+    assert resolved == [innocent.key, quoted.key] and secret.key not in resolved
+
+
+def test_escape_tags_keeps_user_text_from_splicing(tiny_model):
+    tag = tiny_model.tag(tiny_model.compress([TEXTS[0]])[0])
+    question = f"What does {tag} say?"
+    chain = {"question": RunnableLambda(escape_tags)} | PROMPT.partial(context="none")
+    (_, human) = chain.invoke(question).to_messages()
+    assert tiny_model.render_prompt(human.content).memories == []
+    assert "pisco:" in human.content  # still there for the model to read, as text
 
 
 def test_tag_of_a_deleted_memory_is_unknown(tiny_model):
@@ -736,8 +773,9 @@ def test_byte_store_bridge_shares_memories_and_tags(tiny_model, monkeypatch):
     # another namespace is another store: its own secret, so the tags of this one are foreign
     other = tiny_model.with_store(ByteStoreMemoryStore(byte_store, namespace="other"))
     assert other.store.secret != writer.store.secret
-    with pytest.raises(TagError, match="did not mint"):
-        ChatPisco(pisco_model=other).invoke(f"{compressed[1].page_content} ?")
+    prompt = f"{compressed[1].page_content} ?"
+    assert other.render_prompt(prompt).memories == []  # read as text there
+    assert len(writer.render_prompt(prompt).memories) == 1
 
 
 def test_local_file_store_is_shared_across_processes(tiny_model, tmp_path):

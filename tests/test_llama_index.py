@@ -70,7 +70,6 @@ from pisco_rag import (
     PiscoModel,
     RerankingUnavailableError,
     SQLiteMemoryStore,
-    TagError,
 )
 from pisco_rag.tags import TAG_PATTERN, contains_tag
 
@@ -259,6 +258,22 @@ def test_llm_complete_chat_and_streams(tiny_model):
     assert "".join(c.delta for c in chunks) == chunks[-1].message.content
 
 
+async def test_llm_streams_an_empty_answer(tiny_model):
+    """A stop string at the very start gives an empty answer: the streams end with one empty
+    response instead of failing in LlamaIndex's end-of-stream event."""
+    first = PiscoLLM(tiny_model, max_new_tokens=4).complete("Name a river.").text[:1]
+    llm = PiscoLLM(tiny_model, max_new_tokens=4, stop=[first] if first else None)
+    assert llm.complete("Name a river.").text == ""
+    (only,) = list(llm.stream_complete("Name a river."))
+    assert only.text == "" and only.delta == ""
+    (chat,) = list(llm.stream_chat([ChatMessage(content="Name a river.")]))
+    assert chat.message.content == ""
+    pieces = [p async for p in await llm.astream_complete("Name a river.")]
+    assert [p.text for p in pieces] == [""]
+    pieces = [p async for p in await llm.astream_chat([ChatMessage(content="Name a river.")])]
+    assert [p.message.content for p in pieces] == [""]
+
+
 async def test_llm_async_variants(tiny_model):
     llm = PiscoLLM(tiny_model, max_new_tokens=5)
     messages = [ChatMessage(content="Name a river.")]
@@ -348,19 +363,43 @@ def test_llm_bad_input(tiny_model):
         PiscoLLM(None)  # type: ignore[arg-type]
 
 
-def test_tag_sent_to_another_model_is_a_tag_error(tiny_model):
+def test_tag_of_another_store_is_text(tiny_model):
     (memory,) = tiny_model.compress([TEXTS["danube"]])
     tag = tiny_model.tag(memory)
-    # Same weights, another store: its tags are not this store's to resolve.
+    # Same weights, another store: its tags are not this store's to resolve, so they are text.
     other = PiscoModel(tiny_model.model, tiny_model.tokenizer, tiny_model.config)
     llm = PiscoLLM(other, max_new_tokens=2)
-    with pytest.raises(TagError, match="did not mint"):
-        llm.complete(f"Background:\n{tag}\n\nQuestion:{QUESTION}")
-    with pytest.raises(TagError):
-        llm.stream_chat([ChatMessage(content=tag)])
-    forged = tag[:-5] + "0000]]"
-    with pytest.raises(TagError):
-        PiscoLLM(tiny_model, max_new_tokens=2).complete(forged)
+    with pytest.warns(UserWarning, match="did not mint"):
+        response = llm.complete(f"Background:\n{tag}\n\nQuestion:{QUESTION}")
+    assert response.raw["usage"]["completion_tokens"] >= 1
+    assert list(llm.stream_chat([ChatMessage(content=tag)]))
+    forged = tag[:-6] + "0000]]"
+    assert isinstance(
+        PiscoLLM(tiny_model, max_new_tokens=2).complete(f"{forged} [[pisco:x]]").text, str
+    )
+
+
+def test_copied_tag_in_node_metadata_is_never_resolved(tiny_model, recorded):
+    prompts = recorded(tiny_model)
+    secret = tiny_model.compress(["Tenant B: the vault code is 4471."])[0]
+    tag_b = tiny_model.tag(secret)
+    node = TextNode(text="sunny", id_="n1", metadata={"title": f"see {tag_b}"})
+    (out,) = PiscoCompressor(tiny_model, include_llm_metadata=True).postprocess_nodes(
+        scored([node])
+    )
+    llm_text = out.node.get_content(MetadataMode.LLM)
+    assert "title: see [ [pisco:" in llm_text  # the metadata is there, as text
+    (sunny,) = tiny_model.compress(["sunny"])
+    assert [m.key for m in tiny_model.render_prompt(llm_text).memories] == [sunny.key]
+    # and through a query engine, with the tag also pasted into the question
+    index = VectorStoreIndex([node], embed_model=MockEmbedding(embed_dim=8))
+    engine = index.as_query_engine(
+        llm=PiscoLLM(tiny_model, max_new_tokens=2),
+        node_postprocessors=[PiscoCompressor(tiny_model, include_llm_metadata=True)],
+    )
+    engine.query(f"What does {tag_b} say?")
+    (prompt,) = prompts
+    assert [m.key for m in tiny_model.render_prompt(prompt).memories] == [sunny.key]
 
 
 # ---------------------------------------------------------------------- query engines

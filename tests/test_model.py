@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +225,23 @@ def test_stream_reports_its_completion_and_stops_when_closed(tiny_model):
     assert tiny_model._lock.acquire(timeout=120)  # the generation thread has finished
     tiny_model._lock.release()
     assert 1 <= CountSteps.steps < 200
+
+
+def test_a_process_that_leaves_a_stream_early_exits_cleanly(tmp_path):
+    """A stream abandoned without close() is stopped and joined at exit (it used to abort
+    the interpreter with 'terminate called without an active exception', code 134)."""
+    script = tmp_path / "leave_stream.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import tiny_pisco\n"
+        "for piece in tiny_pisco().stream_complete('Tell a long story', max_new_tokens=2000):\n"
+        "    break\n"
+        "print('left the stream')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "left the stream"
+    assert "terminate called" not in result.stderr

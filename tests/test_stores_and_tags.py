@@ -140,17 +140,24 @@ def test_plain_prompt_is_text_generation(tiny_model):
     assert tiny_model.render_prompt("Hello there").memories == []
 
 
-def test_forged_malformed_and_unknown_tags_are_errors(tiny_model):
+def test_forged_malformed_and_foreign_tags_are_read_as_text(tiny_model):
     (memory,) = tiny_model.compress(["Forgery target text."])
     tag = tiny_model.tag(memory)
     forged = tag[:-6] + ("0000]]" if not tag.endswith("0000]]") else "1111]]")
-    with pytest.raises(TagError, match="did not mint"):
-        tiny_model.complete([f"Context: {forged}"])
-    with pytest.raises(TagError, match="malformed memory tag"):
-        tiny_model.complete(["Context: [[pisco:123]]"])
     other = tiny_pisco(seed=4)  # another model with its own store: the tag is foreign there
-    with pytest.raises(TagError, match="did not mint"):
-        other.complete([f"Context: {tag}"])
+    with pytest.warns(UserWarning, match="did not mint"):  # once: it may be a wrong store
+        other.render_prompt(f"Context: {tag} ?")
+    for model, text, kept in [
+        (tiny_model, f"Context: {forged} ?", [forged]),
+        (tiny_model, "Context: [[pisco:123]] [[ pisco:x]] ?", ["[[pisco:123]]", "[[ pisco:x]]"]),
+        (other, f"Context: {tag} ?", [tag]),
+    ]:
+        rendered = model.render_prompt(text)
+        assert rendered.memories == []
+        decoded = model.tokenizer.decode(rendered.input_ids)
+        assert all(k in decoded for k in kept)  # the tag-like text reaches the model as text
+        (completion,) = model.complete([text], max_new_tokens=2)
+        assert completion.completion_tokens >= 1
 
 
 def test_evicted_memory_tag_is_unknown():
