@@ -74,9 +74,14 @@ def checkpoint_kind(directory: Path) -> str:
 def read_json(path: Path, *, what: str) -> dict[str, Any]:
     require_files(path.parent, [path.name], what=what)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path} must hold a JSON object (the {what}'s settings), got {type(data).__name__}"
+        )
+    return data
 
 
 def require_files(directory: Path, names: list[str] | tuple[str, ...], *, what: str) -> None:

@@ -48,6 +48,12 @@ class PiscoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"backbone must name a model (a non-empty str), got {self.backbone!r}")
+        for name in ("compression_rate", "doc_max_length", "lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.compressor not in ("pisco", "first-layers", "model"):
             raise ValueError(
                 f"compressor must be 'pisco', 'first-layers' or 'model', not {self.compressor!r}"
@@ -91,13 +97,20 @@ class PiscoConfig:
     def from_dict(cls, data: dict[str, Any]) -> PiscoConfig:
         data = dict(data)
         version = data.pop("pisco_rag_format", None)
-        if version is None or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise CheckpointError(
+                f"config.json has pisco_rag_format={version!r}, not a format number"
+            )
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"config.json has pisco_rag_format={version!r}; this version of pisco-rag "
                 f"reads format {FORMAT_VERSION}. Upgrade pisco-rag to read it."
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json holds an invalid setting: {e}") from None
 
     @classmethod
     def from_naver(cls, data: dict[str, Any], *, name: str | None = None) -> PiscoConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CorruptMemoryError
+from .errors import CorruptMemoryError, PiscoInputError
 
 
 def memory_key(fingerprint: str, text: str, query: str | None = None, variant: str = "") -> str:
@@ -24,9 +25,16 @@ def memory_key(fingerprint: str, text: str, query: str | None = None, variant: s
     return h.hexdigest()[:32]
 
 
-def _checksum(t: torch.Tensor) -> str:
-    raw = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(raw).hexdigest()[:16]
+def _checksum(t: torch.Tensor, *metadata: str) -> str:
+    """sha256 of the vectors' bytes and, from format 2 on, of the metadata strings too."""
+    h = hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for part in metadata:
+        h.update(b"\x00")
+        h.update(part.encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,13 +56,34 @@ class Memory:
     source_index: int | None = None
     chunk_index: int = 0
 
+    def __post_init__(self) -> None:
+        v = self.vectors
+        if not isinstance(v, torch.Tensor) or v.ndim != 2 or not v.is_floating_point():
+            raise PiscoInputError(
+                f"Memory.vectors must be a 2-D float tensor [n_mem, hidden], got "
+                f"{getattr(v, 'shape', type(v).__name__)}"
+            )
+        if not isinstance(self.key, str) or not _KEY.fullmatch(self.key):
+            raise PiscoInputError(
+                f"Memory.key must be 32 lowercase hex digits (see memory_key), got {self.key!r}"
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise PiscoInputError(f"memory {self.key} holds NaN or infinite values")
+        if v.untyped_storage().nbytes() > v.numel() * v.element_size() or not v.is_contiguous():
+            # a view into a batch's hidden states would keep the whole batch alive
+            object.__setattr__(
+                self, "vectors", v.detach().clone(memory_format=torch.contiguous_format)
+            )
+
     @property
     def n_mem(self) -> int:
         return int(self.vectors.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size()
+        """Bytes this memory holds: its vectors and its text and query."""
+        text = sum(len(t.encode("utf-8")) for t in (self.text, self.query) if t)
+        return self.vectors.untyped_storage().nbytes() + text
 
     def with_source(self, source_index: int | None, chunk_index: int = 0) -> Memory:
         return replace(self, source_index=source_index, chunk_index=chunk_index)
@@ -62,11 +91,13 @@ class Memory:
     def to_bytes(self) -> bytes:
         """safetensors bytes with the metadata and a checksum of the vectors."""
         vectors = self.vectors.detach().contiguous().cpu()
+        extra = json.dumps({"text": self.text, "query": self.query, "score": self.score})
         meta = {
             "fingerprint": self.fingerprint,
             "key": self.key,
-            "checksum": _checksum(vectors),
-            "extra": json.dumps({"text": self.text, "query": self.query, "score": self.score}),
+            "extra": extra,
+            "format": "2",
+            "checksum": _checksum(vectors, self.fingerprint, self.key, extra),
         }
         return st_save({"vectors": vectors}, metadata=meta)
 
@@ -79,27 +110,31 @@ class Memory:
             meta = _read_metadata(data)
             vectors = tensors["vectors"]
             extra = json.loads(meta["extra"])
-            if _checksum(vectors) != meta["checksum"]:
+            # format 2 covers the metadata too; entries written before it, the vectors only
+            covered = (
+                (meta["fingerprint"], meta["key"], meta["extra"]) if meta.get("format") else ()
+            )
+            if _checksum(vectors, *covered) != meta["checksum"]:
                 raise CorruptMemoryError(f"{where} fails its checksum")
             if key is not None and meta["key"] != key:
                 raise CorruptMemoryError(f"{where} holds the memory of key {meta['key']!r}")
+            return cls(
+                vectors=vectors,
+                fingerprint=meta["fingerprint"],
+                key=meta["key"],
+                text=extra.get("text"),
+                query=extra.get("query"),
+                score=extra.get("score"),
+            )
         except CorruptMemoryError as e:
             raise CorruptMemoryError(
                 f"{e}: delete the entry (store.delete([{key!r}])) and compress the text again"
             ) from None
-        except (SafetensorError, KeyError, ValueError, TypeError) as e:
+        except (SafetensorError, KeyError, ValueError, TypeError, PiscoInputError) as e:
             raise CorruptMemoryError(
                 f"{where} cannot be decoded ({e}); delete the entry "
                 f"(store.delete([{key!r}])) and compress the text again"
             ) from None
-        return cls(
-            vectors=vectors,
-            fingerprint=meta["fingerprint"],
-            key=meta["key"],
-            text=extra.get("text"),
-            query=extra.get("query"),
-            score=extra.get("score"),
-        )
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

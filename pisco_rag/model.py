@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +65,7 @@ from .prompting import (
     PromptRenderer,
     RenderedPrompt,
     Segment,
+    check_encodable,
     check_segment,
     pisco_encoder_inputs,
     split_tags,
@@ -233,7 +234,10 @@ class PiscoModel:
                     lora_weights = strip_adapter_prefix(lora_weights)
         else:
             raw, adapters, embeddings = checkpoints.read_native(directory)
-            config = PiscoConfig.from_dict(raw)
+            try:
+                config = PiscoConfig.from_dict(raw)
+            except CheckpointError as e:
+                raise CheckpointError(f"{directory}/{e}") from None
             compressor_weights = checkpoints.read_native_compressor(directory, config.is_oscar)
             if compressor_weights is not None:
                 compressor_weights, lora_weights, token_rows = split_compact_compressor_state(
@@ -427,6 +431,7 @@ class PiscoModel:
         """
         documents = _check_documents(documents, "documents")
         queries = self._check_queries(queries, len(documents))
+        batch_size = _check_batch_size(batch_size)
         policy = long_documents or self.config.long_documents
         if policy not in LONG_DOCUMENT_POLICIES:
             raise PiscoInputError(
@@ -602,7 +607,9 @@ class PiscoModel:
         prompts = self._pisco_prompts(questions, contexts)
         out: list[str] = []
         for start in tqdm(
-            range(0, len(prompts), batch_size), desc="generating", disable=not show_progress
+            range(0, len(prompts), _check_batch_size(batch_size)),
+            desc="generating",
+            disable=not show_progress,
         ):
             batch = prompts[start : start + batch_size]
             out += [c.text for c in self._generate(batch, max_new_tokens, None, generation_kwargs)]
@@ -642,7 +649,7 @@ class PiscoModel:
                     )
         prompts = self._pisco_prompts(questions, documents)
         out: list[str] = []
-        for start in range(0, len(prompts), batch_size):
+        for start in range(0, len(prompts), _check_batch_size(batch_size)):
             batch = prompts[start : start + batch_size]
             result = self._generate(batch, max_new_tokens, None, generation_kwargs, adapter=adapter)
             out += [c.text for c in result]
@@ -668,7 +675,7 @@ class PiscoModel:
         prompts = self._pisco_prompts(questions, contexts)
         eos = self.tokenizer.eos_token_id
         out: list[float] = []
-        for start in range(0, len(prompts), batch_size):
+        for start in range(0, len(prompts), _check_batch_size(batch_size)):
             batch, n_answer = [], []
             for p, a in zip(
                 prompts[start : start + batch_size], answers[start : start + batch_size]
@@ -693,6 +700,10 @@ class PiscoModel:
 
     def tag(self, memory: Memory) -> str:
         """The tag that stands for ``memory`` in a text prompt (stores it in :attr:`store`)."""
+        if not isinstance(memory, Memory):
+            raise PiscoInputError(
+                f"tag() takes a Memory (from compress()), got {type(memory).__name__}"
+            )
         self._check_memory(memory, "memory")
         return self.store.tag(memory)
 
@@ -707,12 +718,18 @@ class PiscoModel:
         tags is dropped, so consecutive memories form contiguous slots as in PISCO's prompt."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, Sequence) or not prompt:
+            raise PiscoInputError(
+                "a prompt must be a str or a non-empty list of chat messages "
+                f"({{'role', 'content'}} dicts), got {prompt!r:.80}"
+            )
         turns = []
         for i, msg in enumerate(prompt):
             if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
                 raise PiscoInputError(
                     f"prompt[{i}] must be a dict with a 'role' and a str 'content'"
                 )
+            check_encodable(msg["content"], f"prompt[{i}]['content']")
             content = _join_adjacent_memories(split_tags(msg["content"], self.store.resolve))
             for seg in content:
                 if isinstance(seg, Memory):
@@ -732,6 +749,11 @@ class PiscoModel:
         """Prompt-level generation for framework adapters: each prompt is a string or chat
         messages whose memory tags are resolved from :attr:`store`. A prompt without tags is
         plain text generation; ``adapter="none"`` reads it with the plain backbone."""
+        if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
+            raise PiscoInputError(
+                "prompts must be a list of prompts (each a str or chat messages); wrap one "
+                f"prompt in a list: complete([prompt]), got {type(prompts).__name__}"
+            )
         rendered = [self.render_prompt(p) for p in prompts]
         if adapter == "none" and any(r.memories for r in rendered):
             raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
@@ -772,6 +794,7 @@ class PiscoModel:
         for i, (q, ctx) in enumerate(zip(questions, contexts)):
             if not isinstance(q, str) or not q.strip():
                 raise PiscoInputError(f"questions[{i}] must be a non-empty string, got {q!r}")
+            check_encodable(q, f"questions[{i}]")
             if isinstance(ctx, (str, Memory)):
                 raise PiscoInputError(f"contexts[{i}] must be a list of memories/passages")
             segs = [check_segment(c, f"contexts[{i}][{j}]") for j, c in enumerate(ctx)]
@@ -821,6 +844,11 @@ class PiscoModel:
     def _generation_args(
         self, max_new_tokens: int, stop: Sequence[str] | None, kwargs: dict[str, Any]
     ) -> dict[str, Any]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise PiscoInputError(
+                f"max_new_tokens must be an int, got {type(max_new_tokens).__name__} "
+                f"{max_new_tokens!r}"
+            )
         if max_new_tokens < 1:
             raise PiscoInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         args: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens}
@@ -849,6 +877,7 @@ class PiscoModel:
         if not prompts:
             return []
         args = self._generation_args(max_new_tokens, stop, kwargs)
+        self._check_prompt_lengths(prompts, max_new_tokens)
         with self._lock:
             self._activate_decoder(adapter)
             try:
@@ -858,6 +887,25 @@ class PiscoModel:
                 if adapter == "none":
                     use_adapter(self.model, DECODER)
         return self._completions(prompts, out, max_new_tokens, stop)
+
+    @property
+    def context_window(self) -> int | None:
+        """The backbone's maximum sequence length (prompt and answer), if it declares one."""
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        return getattr(config, "max_position_embeddings", None)
+
+    def _check_prompt_lengths(self, prompts: Sequence[RenderedPrompt], max_new: int) -> None:
+        """Refuse, before taking the model lock, a prompt the backbone cannot read whole."""
+        window = self.context_window
+        if window is None:
+            return
+        for i, p in enumerate(prompts):
+            if len(p.input_ids) + max_new > window:
+                raise PiscoInputError(
+                    f"prompt {i} is {len(p.input_ids)} tokens and asks for up to {max_new} new "
+                    f"ones, beyond the backbone's context of {window} tokens: shorten the "
+                    "question or history, retrieve fewer documents, or lower max_new_tokens"
+                )
 
     def _activate_decoder(self, adapter: str) -> None:
         if adapter == "none":
@@ -876,6 +924,7 @@ class PiscoModel:
         adapter: Literal["decoder", "none"],
     ) -> TextStream:
         args = self._generation_args(max_new_tokens, stop, kwargs)
+        self._check_prompt_lengths([prompt], max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         args["stopping_criteria"] = StoppingCriteriaList(
@@ -1143,6 +1192,8 @@ def _check_documents(documents: object, name: str) -> list[str]:
         docs = list(documents)  # type: ignore[arg-type]
     except TypeError:
         raise PiscoInputError(f"{name} must be a list of strings") from None
+    if isinstance(documents, Mapping):
+        raise PiscoInputError(f"{name} must be a list of strings, got a {type(documents).__name__}")
     for i, d in enumerate(docs):
         if not isinstance(d, str):
             raise PiscoInputError(f"{name}[{i}] must be a str, got {type(d).__name__}")
@@ -1150,7 +1201,14 @@ def _check_documents(documents: object, name: str) -> list[str]:
             raise PiscoInputError(
                 f"{name}[{i}] is empty; remove empty documents before compressing"
             )
+        check_encodable(d, f"{name}[{i}]")
     return docs
+
+
+def _check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PiscoInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

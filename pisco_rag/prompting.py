@@ -158,7 +158,19 @@ def check_segment(seg: object, where: str) -> Segment:
         raise PiscoInputError(f"{where} must be a Memory or a str, got {type(seg).__name__}")
     if not seg.strip():
         raise PiscoInputError(f"{where} is an empty string; drop it or give text")
-    return seg
+    return check_encodable(seg, where)
+
+
+def check_encodable(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PiscoInputError(
+            f"{where} holds a lone surrogate ({text[e.start : e.end]!r} at {e.start}), which is "
+            "not text: decode the source with errors='replace' or remove it"
+        ) from None
+    return text
 
 
 def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

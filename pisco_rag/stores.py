@@ -3,6 +3,7 @@ and a LanceDB table that keeps memories beside the retrieval vectors of the same
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -11,7 +12,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -224,6 +225,7 @@ class SQLiteMemoryStore(MemoryStore):
         *,
         dtype: StoreDType | None = None,
         timeout: float = 60.0,
+        read_only: bool | None = None,
     ) -> None:
         self.path = Path(path)
         if self.path.is_dir():
@@ -232,8 +234,23 @@ class SQLiteMemoryStore(MemoryStore):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.timeout = float(timeout)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only is None:  # an existing store we may not write opens for reading
+            read_only = self.path.is_file() and not (
+                os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+            )
+        self.read_only = read_only
         self._local = threading.local()
+        if read_only:
+            if not self.path.is_file():
+                raise ValueError(f"read-only store {str(self.path)!r} does not exist")
+            self._secret = self._read_secret(self._conn())
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"cannot create the store folder {str(self.path.parent)!r}: {e}"
+            ) from None
         conn = self._conn()
         with conn:
             conn.execute(
@@ -244,15 +261,34 @@ class SQLiteMemoryStore(MemoryStore):
             conn.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('tag_secret', ?)", (secrets.token_bytes(32),)
             )
-        self._secret = bytes(
-            conn.execute("SELECT value FROM meta WHERE name = 'tag_secret'").fetchone()[0]
-        )
+        self._secret = self._read_secret(conn)
+
+    def _read_secret(self, conn: sqlite3.Connection) -> bytes:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'tag_secret'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(
+                f"{str(self.path)!r} is not a pisco-rag SQLite memory store ({e})"
+            ) from None
+        if row is None:
+            raise ValueError(f"{str(self.path)!r} is not a pisco-rag memory store (no secret)")
+        return bytes(row[0])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "timeout": self.timeout}
+        return {
+            "path": self.path,
+            "dtype": self.dtype,
+            "timeout": self.timeout,
+            "read_only": self.read_only,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], dtype=state["dtype"], timeout=state["timeout"])
+        self.__init__(
+            state["path"],
+            dtype=state["dtype"],
+            timeout=state["timeout"],
+            read_only=state.get("read_only"),
+        )
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -260,11 +296,15 @@ class SQLiteMemoryStore(MemoryStore):
             conn = None  # a forked child never reuses its parent's connection
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
-                _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"), self.timeout)
-                conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.OperationalError:
-                raise
+                if self.read_only:  # immutable: no -wal/-shm files in a folder we cannot write
+                    uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"
+                    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                else:
+                    conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
+                    _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"), self.timeout)
+                    conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as e:
+                raise ValueError(f"cannot open the memory store {str(self.path)!r}: {e}") from None
             except sqlite3.DatabaseError as e:
                 raise ValueError(
                     f"{str(self.path)!r} is not a pisco-rag SQLite memory store ({e}); "
@@ -317,14 +357,32 @@ class SQLiteMemoryStore(MemoryStore):
         rows = list(rows)
         if not rows:
             return
-        conn = self._conn()
-        with conn:  # one transaction: all or nothing
+        with self._writing() as conn:  # one transaction: all or nothing
             conn.executemany("INSERT OR REPLACE INTO memories VALUES (?, ?, ?)", rows)
 
     def delete(self, keys: Iterable[str]) -> None:
-        conn = self._conn()
-        with conn:
+        with self._writing() as conn:
             conn.executemany("DELETE FROM memories WHERE key = ?", [(k,) for k in keys])
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, or a clear error naming the file when it cannot be written."""
+        if self.read_only:
+            raise ValueError(
+                f"the memory store {str(self.path)!r} is open read-only: it can serve memories "
+                "but not store new ones; copy it somewhere writable, or use_store=False"
+            )
+        conn = self._conn()
+        try:
+            with conn:
+                yield conn
+        except sqlite3.OperationalError as e:
+            if "readonly" not in str(e) and "read-only" not in str(e):
+                raise
+            raise ValueError(
+                f"cannot write to the memory store {str(self.path)!r} ({e}): make the file and "
+                "its folder writable, or open it with read_only=True"
+            ) from None
 
     def keys(self) -> list[str]:
         return [k for (k,) in self._conn().execute("SELECT key FROM memories")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, LONG_TEXT, randomize_lora, tiny_backbone, tiny_pisco
 
-from pisco_rag import DocumentTooLongError, PiscoModel
+from pisco_rag import DocumentTooLongError, PiscoInputError, PiscoModel
 from pisco_rag.adapters import active_adapters
 from pisco_rag.chunking import count_tokens
 
@@ -245,3 +245,20 @@ def test_a_process_that_leaves_a_stream_early_exits_cleanly(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "left the stream"
     assert "terminate called" not in result.stderr
+
+
+def test_prompt_beyond_the_context_is_refused_before_generating(tiny_model):
+    window = tiny_model.context_window
+    long_question = "word " * window
+    with pytest.raises(PiscoInputError, match="beyond the backbone's context"):
+        tiny_model.complete([long_question], max_new_tokens=4)
+    with pytest.raises(PiscoInputError, match="lower max_new_tokens"):
+        tiny_model.stream_complete("hi", max_new_tokens=window)
+    assert tiny_model._lock.acquire(blocking=False)  # nothing was left holding the model
+    tiny_model._lock.release()
+
+
+@pytest.mark.parametrize("bad", [None, "5", 2.5, True, 0, -1])
+def test_max_new_tokens_must_be_a_positive_int(tiny_model, bad):
+    with pytest.raises(PiscoInputError, match="max_new_tokens must be"):
+        tiny_model.complete(["hi"], max_new_tokens=bad)

@@ -10,11 +10,13 @@ import torch
 from conftest import tiny_pisco
 
 from pisco_rag import (
+    CheckpointError,
     CorruptMemoryError,
     LRUMemoryStore,
     Memory,
     MemoryMismatchError,
     PiscoInputError,
+    PiscoModel,
     SQLiteMemoryStore,
     TagError,
     memory_key,
@@ -31,7 +33,7 @@ def make_memory(i: int, fingerprint: str = "f" * 16, hidden: int = 4) -> Memory:
 
 
 def test_lru_store_evicts_oldest_beyond_max_bytes():
-    store = LRUMemoryStore(max_bytes=3 * 8 * 4 * 4)  # room for three memories
+    store = LRUMemoryStore(max_bytes=3 * (8 * 4 * 4 + 2))  # three memories: vectors and text
     memories = [make_memory(i) for i in range(4)]
     store.put_many(memories[:3])
     store.get(memories[0].key)  # touch: now the most recent
@@ -39,6 +41,35 @@ def test_lru_store_evicts_oldest_beyond_max_bytes():
     assert len(store) == 3
     assert store.get(memories[1].key) is None
     assert store.get(memories[0].key) is memories[0]
+
+
+def test_memories_own_their_storage_and_the_bound_counts_it(tiny_model):
+    batch = torch.randn(64, 8, 16)  # a batch's hidden states: 32 KiB
+    memory = Memory(batch[3], "f" * 16, memory_key("f" * 16, "x"), text="x" * 100)
+    assert memory.vectors.untyped_storage().nbytes() == 8 * 16 * 4  # a copy, not a view
+    assert torch.equal(memory.vectors, batch[3]) and memory.nbytes == 8 * 16 * 4 + 100
+    (compressed,) = tiny_model.compress(["A text whose memory must not pin its batch."])
+    v = compressed.vectors
+    assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+
+
+def test_memory_refuses_nan_and_bad_keys_and_checksums_its_metadata(tmp_path):
+    good = make_memory(1)
+    with pytest.raises(PiscoInputError, match="NaN or infinite"):
+        Memory(torch.full((8, 4), float("nan")), "f" * 16, good.key)
+    with pytest.raises(PiscoInputError, match="32 lowercase hex"):
+        Memory(good.vectors, "f" * 16, "not-hex")
+    data = bytearray(good.to_bytes())
+    i = data.find(b"ffffffffffffffff")  # the fingerprint in the header: damage it
+    data[i] = ord("e")
+    with pytest.raises(CorruptMemoryError, match="checksum"):
+        Memory.from_bytes(bytes(data), key=good.key)
+    store = SQLiteMemoryStore(tmp_path / "m.sqlite")
+    store.put(good)
+    with sqlite3.connect(tmp_path / "m.sqlite") as db:
+        db.execute("UPDATE memories SET data = ?", (bytes(data),))
+    with pytest.raises(CorruptMemoryError, match="checksum"):
+        SQLiteMemoryStore(tmp_path / "m.sqlite").get(good.key)
 
 
 def test_sqlite_store_persists_and_shares_secret(tmp_path):
@@ -247,3 +278,67 @@ def test_with_store_shares_weights_and_lock(tiny_model, tmp_path):
     assert other.fingerprint == tiny_model.fingerprint and other.store is not tiny_model.store
     (memory,) = other.compress(["Stored in the other store."])
     assert memory.key in other.store and memory.key not in tiny_model.store
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[1, 2, 3]", "must hold a JSON object"),
+        ("null", "must hold a JSON object"),
+        ('"text"', "must hold a JSON object"),
+        ('{"pisco_rag_format": "1", "backbone": "x"}', "not a format number"),
+        ('{"pisco_rag_format": 1, "backbone": "x", "compression_rate": 0}', "compression_rate"),
+        ('{"pisco_rag_format": 1, "backbone": null}', "backbone must name"),
+    ],
+)
+def test_bad_config_json_is_a_checkpoint_error_naming_the_file(
+    tiny_model, tmp_path, content, match
+):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=match) as info:
+        PiscoModel.from_pretrained(tmp_path / "ckpt")
+    assert "ckpt" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m: m.complete("hello"), "wrap one prompt in a list"),
+        (lambda m: m.complete([[]]), "non-empty list of chat messages"),
+        (lambda m: m.tag("a string"), "takes a Memory"),
+        (lambda m: m.compress({"a": 1}), "must be a list of strings"),
+        (lambda m: m.compress(["ok"], batch_size=0), "batch_size must be a positive int"),
+        (lambda m: m.generate(["q?"], [[]], batch_size=-1), "batch_size must be a positive int"),
+        (lambda m: m.compress(["bad \ud800 text"]), "lone surrogate"),
+        (lambda m: m.complete(["bad \udfff"]), "lone surrogate"),
+        (lambda m: m.generate(["q \ud800?"], [[]]), "lone surrogate"),
+        (lambda m: m.compress(["ok"], long_documents="bogus"), "long_documents must be one of"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(tiny_model, call, match):
+    with pytest.raises(PiscoInputError, match=match):
+        call(tiny_model)
+
+
+def test_read_only_store_serves_reads_and_refuses_writes_by_name(tmp_path):
+    path = tmp_path / "ro" / "mem.sqlite"
+    writer = SQLiteMemoryStore(path)
+    memories = [make_memory(i) for i in range(3)]
+    writer.put_many(memories)
+    tag = writer.tag(memories[0])
+    writer.close()
+    reader = SQLiteMemoryStore(path, read_only=True)
+    assert reader.read_only and len(reader) == 3 and reader.secret == writer.secret
+    assert torch.equal(reader.get(memories[1].key).vectors, memories[1].vectors)
+    key, mac = tag.removeprefix("[[pisco:").removesuffix("]]").split(":")
+    assert reader.resolve(key, mac).key == memories[0].key
+    with pytest.raises(ValueError, match=r"mem\.sqlite.*read-only"):
+        reader.put(make_memory(9))
+    with pytest.raises(ValueError, match="read-only"):
+        reader.delete([memories[0].key])
+    with pytest.raises(ValueError, match="does not exist"):
+        SQLiteMemoryStore(tmp_path / "absent.sqlite", read_only=True)
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(ValueError, match="not a pisco-rag"):
+        SQLiteMemoryStore(tmp_path / "junk.sqlite", read_only=True)
