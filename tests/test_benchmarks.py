@@ -185,3 +185,25 @@ def test_reranking_script_runs(tmp_path):
     assert 0.0 <= rankers["oscar_head"]["metrics"]["ndcg@5"] <= 1.0
     assert "metrics" not in rankers["cross_encoder"]
     assert (tmp_path / "reranking.png").stat().st_size > 0
+
+
+def test_train_throughput_script_runs(tmp_path):
+    out = tmp_path / "throughput.json"
+    data = eval_records(tmp_path / "train.jsonl", n=4)  # the layout of training records too
+    run_script(
+        "benchmarks/train_throughput.py",
+        "--tiny",
+        "--train",
+        str(data),
+        "--steps",
+        "1",
+        "--recipes",
+        "shipped_default",
+        "oscar_fp32",
+        "--out",
+        str(out),
+    )
+    recipes = json.loads(out.read_text())["recipes"]
+    assert set(recipes) == {"shipped_default", "oscar_fp32"}
+    assert all(r["examples_per_second"] > 0 and r["timed_steps"] == 1 for r in recipes.values())
+    assert recipes["shipped_default"]["speedup_vs_shipped_default"] == 1.0

@@ -40,7 +40,7 @@ from .metrics import answer_metrics, ndcg_at_k, recall_at_k
 
 Mode = Literal["text", "text_decoder", "compressed"]
 MODES = ("text", "text_decoder", "compressed")
-_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "")
+_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "0" * 32)
 
 
 def _as_records(records: Any) -> list[dict[str, Any]]:
@@ -273,16 +273,20 @@ def answer_diagnostics(
     text_adapter: Literal["none", "decoder"] = "none",
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """Mean gold-answer NLL per token with the documents as text, from their memories and with
-    no context, and the share of the text's gain the memories recover."""
+    """Mean gold-answer NLL per token with the documents as text, from their memories, from
+    another question's memories (shuffled: what the memories carry beyond answer style) and
+    with no context, and the share of the text's gain the memories recover."""
     gold = [a[0] if isinstance(a, list) else a for a in answers]
     text = model.answer_nll(questions, documents, gold, adapter=text_adapter, batch_size=batch_size)
     memories = model.answer_nll(questions, contexts, gold, batch_size=batch_size)
+    shuffled = [contexts[(i + 1) % len(contexts)] for i in range(len(contexts))]
+    other = model.answer_nll(questions, shuffled, gold, batch_size=batch_size)
     none = model.answer_nll(questions, [[] for _ in questions], gold, batch_size=batch_size)
     a, b, c = _mean(text), _mean(memories), _mean(none)
     return {
         "nll_text": a,
         "nll_memories": b,
+        "nll_shuffled_memories": _mean(other),
         "nll_no_context": c,
         "gap_recovered": (c - b) / (c - a) if c != a else float("nan"),
     }
@@ -311,6 +315,7 @@ def summary(report: dict[str, Any]) -> str:
     if d:
         lines.append(
             f"  answer NLL: text {d['nll_text']:.3f}, memories {d['nll_memories']:.3f}, "
+            f"another question's memories {d.get('nll_shuffled_memories', float('nan')):.3f}, "
             f"no context {d['nll_no_context']:.3f}; memories recover "
             f"{d['gap_recovered']:.1%} of the text's gain"
         )

@@ -48,7 +48,7 @@ from .data import load_records, record_task, resolve_target_field, training_targ
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
-_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "")  # rendering only needs to know where slots go
+_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "0" * 32)  # rendering only needs to know where slots go
 
 
 @dataclass
@@ -542,8 +542,11 @@ def distillation_loss(
 def generation_match(
     pisco: PiscoModel, records: Sequence[dict[str, Any]], max_new_tokens: int = 32
 ) -> dict[str, float]:
-    """Match of compressed-RAG answers on ``records`` (gold ``answer``), without the store."""
+    """Match of compressed-RAG answers on ``records`` (gold ``answer``), without the store,
+    and the answer-likelihood diagnostics (``answer_diagnostics``): they show memories
+    starting to carry the answer long before Match moves."""
     from ..evaluation.metrics import answer_metrics
+    from ..evaluation.runner import answer_diagnostics
 
     was_training = pisco.model.training
     pisco.model.eval()
@@ -555,8 +558,14 @@ def generation_match(
         for rec in records:
             queries = [rec["question"]] * len(rec["documents"]) if pisco.config.is_oscar else None
             contexts.append(pisco.compress(rec["documents"], queries=queries, use_store=False))
-        preds = pisco.generate(
-            [r["question"] for r in records], contexts, max_new_tokens=max_new_tokens
+        questions = [r["question"] for r in records]
+        preds = pisco.generate(questions, contexts, max_new_tokens=max_new_tokens)
+        diagnostics = answer_diagnostics(
+            pisco,
+            questions,
+            [r["documents"] for r in records],
+            contexts,
+            [r["answer"] for r in records],
         )
     finally:
         if was_training:
@@ -564,7 +573,11 @@ def generation_match(
             if pisco.compressor is not None:
                 pisco.compressor.train()
     m = answer_metrics(preds, [r["answer"] for r in records])
-    return {"eval_match": m["match"], "eval_f1": m["f1"]}
+    return {
+        "eval_match": m["match"],
+        "eval_f1": m["f1"],
+        **{f"eval_{k}": round(v, 4) for k, v in diagnostics.items()},
+    }
 
 
 # ---------------------------------------------------------------------- entry point

@@ -1,0 +1,130 @@
+"""Training examples per second of several recipes, side by side in one run on one machine.
+
+    python benchmarks/train_throughput.py --train train.jsonl [--steps 3] [--documents 2]
+
+Each recipe builds a fresh model on SmolLM2-135M, then times ``--steps`` optimizer steps (after
+one untimed warm-up step) of the real training forward/backward (``StudentModule``) on the same
+records (``--documents`` per question: the gold passage and the best-retrieved distractors).
+The recipes:
+
+- ``shipped_default``: what trained the shipped defaults: PISCO (the whole backbone compresses),
+  bfloat16 autocast, batch 4;
+- ``pisco_fp32``: the same model in float32 (the precision chosen by measurement on CPUs
+  without native bf16), batch 8;
+- ``oscar_fp32``: OSCAR with the backbone's first 5 layers as compressor, float32, batch 8.
+
+``--recipes`` picks some of them; ``--tiny`` runs on a 2-layer random model (smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+from _common import RESULTS, environment, subset_documents, tiny_backbone, write
+
+RECIPES = {
+    "shipped_default": {"compressor": "pisco", "bf16": True, "batch_size": 4},
+    "pisco_fp32": {"compressor": "pisco", "bf16": False, "batch_size": 8},
+    "oscar_fp32": {"compressor": "first-layers:5", "bf16": False, "batch_size": 8},
+}
+
+
+def build(recipe: dict, tiny: bool):
+    from pisco_rag import PiscoModel
+    from pisco_rag.defaults import DEFAULT_BACKBONE
+
+    compressor = recipe["compressor"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tiny:
+            backbone, tok = tiny_backbone()
+            compressor = "first-layers:1" if compressor != "pisco" else compressor
+            return PiscoModel.from_backbone(backbone, tok, compressor=compressor)
+        return PiscoModel.from_backbone(
+            DEFAULT_BACKBONE, compressor=compressor, dtype=torch.float32
+        )
+
+
+def time_recipe(name: str, recipe: dict, records: list[dict], steps: int, tiny: bool) -> dict:
+    from pisco_rag.training.trainer import (
+        DistillationCollator,
+        StudentModule,
+        TrainConfig,
+        setup_trainable,
+    )
+
+    model = build(recipe, tiny)
+    student = StudentModule(model)
+    setup = setup_trainable(student, TrainConfig(output_dir="unused"))
+    optimizer = torch.optim.AdamW(setup.groups, lr=1e-5)
+    collator = DistillationCollator(model, "answer")
+    student.train()
+    bs = recipe["batch_size"]
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if recipe["bf16"] else contextlib.nullcontext()
+    )
+    seconds = []
+    for step in range(steps + 1):  # step 0 warms up
+        batch = collator(records[step * bs : (step + 1) * bs])
+        start = time.perf_counter()
+        with autocast:
+            loss = student(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:
+            seconds.append(time.perf_counter() - start)
+        print(f"{name} step {step}: {time.perf_counter() - start:.2f}s", flush=True)
+    setup.restore()
+    per_step = sum(seconds) / len(seconds)
+    return {
+        **recipe,
+        "seconds_per_step": round(per_step, 3),
+        "examples_per_second": round(bs / per_step, 4),
+        "timed_steps": len(seconds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True, help="training records (pisco-rag build-data)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per recipe")
+    parser.add_argument("--documents", type=int, default=2, help="documents per question")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
+    args = parser.parse_args()
+
+    with open(args.train) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    need = (args.steps + 1) * max(RECIPES[r]["batch_size"] for r in args.recipes)
+    records = [subset_documents(records[i % len(records)], args.documents) for i in range(need)]
+    results = {
+        name: time_recipe(name, RECIPES[name], records, args.steps, args.tiny)
+        for name in args.recipes
+    }
+    if "shipped_default" in results:
+        base = results["shipped_default"]["examples_per_second"]
+        for r in results.values():
+            r["speedup_vs_shipped_default"] = round(r["examples_per_second"] / base, 2)
+    write(
+        {
+            "documents_per_question": args.documents,
+            "recipes": results,
+            "environment": environment(),
+        },
+        Path(args.out),
+    )
+
+
+if __name__ == "__main__":
+    main()
