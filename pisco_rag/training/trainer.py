@@ -48,7 +48,9 @@ from .data import load_records, record_task, resolve_target_field, training_targ
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
-_PLACEHOLDER = Memory(torch.zeros(1, 1), "", "0" * 32)  # rendering only needs to know where slots go
+_PLACEHOLDER = Memory(
+    torch.zeros(1, 1), "", "0" * 32
+)  # rendering only needs to know where slots go
 
 
 @dataclass
