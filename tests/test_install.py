@@ -136,3 +136,28 @@ def test_cli_rejects_bad_numbers(value, capsys):
         main(["ask", "examples/docs", "question?", "--top-k", value])
     assert exit_info.value.code == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_unreachable_hub_means_local_cache_only(monkeypatch):
+    """Offline, a hub id is looked up in the local cache only: a clear CheckpointError at
+    once, not a minute of download retries."""
+    import huggingface_hub
+
+    from pisco_rag import CheckpointError, PiscoModel, checkpoints
+
+    calls = []
+
+    def fake_snapshot_download(name, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    real_check = checkpoints.hub_reachable.__wrapped__  # uncached
+    monkeypatch.setattr(checkpoints, "hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(CheckpointError, match="hf download owner/absent"):
+        PiscoModel.from_pretrained("owner/absent")
+    assert calls == [True]
+    with pytest.raises(CheckpointError, match="could not be loaded"):
+        PiscoModel.from_backbone("owner/absent-backbone")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert real_check() is False  # HF_HUB_OFFLINE answers without a connection
