@@ -207,3 +207,22 @@ def test_train_throughput_script_runs(tmp_path):
     assert set(recipes) == {"shipped_default", "oscar_fp32"}
     assert all(r["examples_per_second"] > 0 and r["timed_steps"] == 1 for r in recipes.values())
     assert recipes["shipped_default"]["speedup_vs_shipped_default"] == 1.0
+
+
+def test_cli_latency_script_runs(tmp_path):
+    out = tmp_path / "cli.json"
+    run_script(
+        "benchmarks/cli_latency.py",
+        "--commands",
+        "help",
+        "ask_help",
+        "--repeats",
+        "1",
+        "--checkout",
+        f"same={ROOT}",
+        "--out",
+        str(out),
+    )
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"now", "same"}
+    assert all(r["help"]["median_seconds"] > 0 for r in results.values())
