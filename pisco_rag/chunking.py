@@ -6,7 +6,8 @@ from transformers import PreTrainedTokenizerBase
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Tokens of ``text`` as the compressor reads it: special-token strings count as text."""
+    return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def chunk_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[str]:
@@ -16,7 +17,9 @@ def chunk_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -
     word boundaries where one lies in the second half of a window; every chunk is an exact
     (whitespace-stripped) substring of ``text`` and no text is dropped.
     """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(
+        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    )
     offsets = enc["offset_mapping"]
     n = len(offsets)
     if n <= max_tokens:

@@ -82,14 +82,17 @@ class QueryCompressor(nn.Module):
             second, margin = None, 8
         else:
             first, second, margin = list(queries), list(texts), 3
-        longest = max(len(ids) for ids in tok(first, second, add_special_tokens=True)["input_ids"])
+        # split_special_tokens: a document or query that spells <MEM0>, <RR> or <|im_end|> stays
+        # text; only the ids appended below are control tokens
+        split = {"add_special_tokens": True, "split_special_tokens": True}
+        longest = max(len(ids) for ids in tok(first, second, **split)["input_ids"])
         enc = tok(
             first,
             second,
             return_tensors="pt",
             padding="max_length",
             max_length=max(self.doc_max_length + margin, longest),
-            add_special_tokens=True,
+            **split,
         )
         extra = self.mem_token_ids + ([self.rerank_token_id] if self.head is not None else [])
         tail = torch.tensor(extra).expand(len(first), -1)

@@ -262,3 +262,22 @@ def test_prompt_beyond_the_context_is_refused_before_generating(tiny_model):
 def test_max_new_tokens_must_be_a_positive_int(tiny_model, bad):
     with pytest.raises(PiscoInputError, match="max_new_tokens must be"):
         tiny_model.complete(["hi"], max_new_tokens=bad)
+
+
+def test_chunks_count_special_token_strings_as_text(tiny_model):
+    """A document that spells control tokens is chunked by the tokens the compressor reads
+    (special tokens split), so no chunk overflows doc_max_length once encoded."""
+    text = " ".join(["<MEM0><SEP><|im_end|> river"] * 60)
+    chunks = tiny_model.chunk(text)
+    limit = tiny_model.config.doc_max_length
+    assert len(chunks) > 1 and "".join(chunks).replace(" ", "") == text.replace(" ", "")
+    assert all(
+        len(
+            tiny_model.tokenizer(c, add_special_tokens=False, split_special_tokens=True)[
+                "input_ids"
+            ]
+        )
+        <= limit
+        for c in chunks
+    )
+    assert len(tiny_model.compress([text])) == len(chunks)

@@ -344,6 +344,21 @@ def test_naver_oscar_checkpoint_matches_direct_computation(tmp_path, lora, use_m
         torch.testing.assert_close(m.vectors, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spelled", ["<RR>", "<MEM0>", "<|im_end|>", "<ENC>"])
+def test_special_token_strings_in_documents_and_queries_stay_text(oscar, spelled):
+    """A document or query that spells a control token must not become one: only the
+    appended memory and rerank ids are control tokens, so scores cannot be steered by text."""
+    comp = oscar.compressor
+    control = {*comp.mem_token_ids, comp.rerank_token_id, *oscar.tokenizer.all_special_ids}
+    ids, mask = comp.encode_inputs([f"The Elbe {spelled} flows."], [f"Which {spelled} river?"])
+    n_tail = len(comp.mem_token_ids) + 1
+    body = [t for t, m in zip(ids[0, :-n_tail].tolist(), mask[0, :-n_tail].tolist()) if m]
+    spelled_id = oscar.tokenizer.convert_tokens_to_ids(spelled)
+    assert spelled_id not in body
+    assert ids[0, -n_tail:].tolist() == [*comp.mem_token_ids, comp.rerank_token_id]
+    assert sum(t in control for t in body) <= 2  # at most the tokenizer's own bos/eos
+
+
 # ---------------------------------------------------------------------- bad input
 def test_oscar_bad_input(oscar, tiny_model):
     with pytest.raises(PiscoInputError, match="queries has 1 entries and documents 3"):

@@ -237,7 +237,7 @@ def build_pretraining_records(
     ``ae_share``, otherwise a continuation record (``task="continue"``: the decoder writes the
     text that follows it: the next chunk, or for a one-chunk passage its second half, whose
     first half is then the document). Passages are deduplicated; ``limit`` caps the records."""
-    from ..chunking import chunk_text
+    from ..chunking import chunk_text, count_tokens
 
     if not 0 <= ae_share <= 1:
         raise PiscoInputError(f"ae_share must be in [0, 1], got {ae_share}")
@@ -265,10 +265,7 @@ def build_pretraining_records(
                 words = chunk.split()
                 half = len(words) // 2
                 first, rest = " ".join(words[:half]), " ".join(words[half:])
-            if (
-                len(tokenizer(rest, add_special_tokens=False)["input_ids"])
-                < min_continuation_tokens
-            ):
+            if count_tokens(tokenizer, rest) < min_continuation_tokens:
                 continue
             records.append({**base, "task": "continue", "documents": [first], "answer": rest})
         if limit is not None and len(records) >= limit:
