@@ -226,3 +226,82 @@ def test_cli_latency_script_runs(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"now", "same"}
     assert all(r["help"]["median_seconds"] > 0 for r in results.values())
+
+
+def test_accelerator_run_script_runs_end_to_end(tmp_path):
+    """The one-call accelerator run, on a tiny model and tiny data on the CPU: every phase
+    trains, the model and both evaluation reports land in --out."""
+
+    def write_jsonl(name: str, records: list[dict]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+
+    passages = [f"River number {i} flows through town {i} and then to the sea." for i in range(6)]
+    pretrain = write_jsonl(
+        "pre.jsonl",
+        [
+            {
+                "id": f"p{i}",
+                "split": "train",
+                "question": "",
+                "task": task,
+                "documents": [p],
+                "answer": p if task == "ae" else "and then it rains.",
+            }
+            for i, p in enumerate(passages)
+            for task in ("ae", "continue")
+        ],
+    )
+    qa = [
+        {
+            "id": f"q{i}",
+            "split": "train",
+            "question": f"Where does river {i} flow?",
+            "documents": [p],
+            "gold_index": 0,
+            "answer": f"town {i}",
+        }
+        for i, p in enumerate(passages)
+    ]
+    k1 = write_jsonl("k1.jsonl", qa)
+    k3 = write_jsonl(
+        "k3.jsonl",
+        [
+            dict(r, documents=[r["documents"][0], *passages[:2]], teacher_scores=[1.0, 0.0, 0.0])
+            for r in qa
+        ],
+    )
+    evaluation = write_jsonl("eval.jsonl", [dict(r, split="eval") for r in qa[:3]])
+    out = tmp_path / "out"
+    run_script(
+        "benchmarks/accelerator_run.py",
+        "--tiny",
+        "--pretrain",
+        pretrain,
+        "--train-k1",
+        k1,
+        "--train-k3",
+        k3,
+        "--eval",
+        evaluation,
+        "--eval-k5",
+        evaluation,
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--minutes",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert [p["steps"] for p in run["phases"].values()] == [2, 2, 2]
+    assert (out / "model" / "config.json").is_file()
+    for name in ("k1", "k5"):
+        report = json.loads((out / f"eval_{name}.json").read_text())
+        assert report["data"]["n"] == 3 and "gap_recovered" in report["diagnostics"]
+    assert json.loads((out / "train_log_k3.json").read_text())
