@@ -110,7 +110,7 @@ def evaluate_rag(
     model,
     records: Any,
     *,
-    modes: Sequence[Mode] = ("text", "compressed"),
+    modes: Sequence[Mode] = MODES,
     text_adapter: Literal["none", "decoder"] = "none",
     max_new_tokens: int = 32,
     batch_size: int = 8,
