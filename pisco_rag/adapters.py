@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .errors import CheckpointError
 
-ENCODER, DECODER = "encoder_adapter", "decoder_adapter"
+ENCODER, DECODER, RETRIEVER = "encoder_adapter", "decoder_adapter", "retriever_adapter"
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str]) -> LoraConfig:
@@ -112,6 +112,7 @@ def lora_only(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 __all__ = [
     "DECODER",
     "ENCODER",
+    "RETRIEVER",
     "active_adapters",
     "adapter_state_dict",
     "add_adapters",

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from .errors import CheckpointError
 
 LongDocumentPolicy = Literal["chunk", "truncate", "naver", "error"]
+# Instruction-tuned embedders mark queries so that question and passage embed differently.
+RETRIEVER_QUERY_PREFIX = "Represent this question for retrieving passages that answer it: "
 LONG_DOCUMENT_POLICIES: tuple[str, ...] = ("chunk", "truncate", "naver", "error")
 FORMAT_VERSION = 1
 
@@ -42,6 +44,9 @@ class PiscoConfig:
     lora_dropout: float = 0.1
     lora_target_modules: str | list[str] = "all-linear"
     long_documents: LongDocumentPolicy = "chunk"
+    retriever: bool = False  # a third LoRA adapter that embeds queries and passages
+    retriever_pooling: Literal["mean", "last"] = "mean"
+    retriever_query_prefix: str = RETRIEVER_QUERY_PREFIX
     trained: bool = False
     name: str | None = None
     system_prompt: str = SYSTEM_PROMPT
@@ -68,6 +73,10 @@ class PiscoConfig:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be a multiple of "
                 f"compression_rate ({self.compression_rate})"
+            )
+        if self.retriever_pooling not in ("mean", "last"):
+            raise ValueError(
+                f"retriever_pooling must be 'mean' or 'last', got {self.retriever_pooling!r}"
             )
         if self.long_documents not in LONG_DOCUMENT_POLICIES:
             raise ValueError(

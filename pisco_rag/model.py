@@ -31,10 +31,11 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from . import checkpoints
+from . import checkpoints, embedding
 from .adapters import (
     DECODER,
     ENCODER,
+    RETRIEVER,
     adapter_state_dict,
     add_adapters,
     lora_config,
@@ -150,6 +151,7 @@ class PiscoModel:
         compressor: str = "pisco",
         rerank_head: bool = False,
         connector_hidden: int | None = None,
+        retriever: bool = False,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
@@ -162,8 +164,9 @@ class PiscoModel:
         (OSCAR: a copy of the backbone's first N layers) or the name/path of a separate small
         causal LM (OSCAR, with a Linear-ReLU-Linear connector of width ``connector_hidden``,
         default 4x the decoder's hidden size). ``rerank_head`` adds the reranking token and
-        head (OSCAR only). The LoRA ``B`` matrices start at zero, so the decoder first behaves
-        like the backbone; other new weights are drawn with ``seed``.
+        head (OSCAR only). ``retriever`` adds the retriever adapter (:meth:`embed_queries`).
+        The LoRA ``B`` matrices start at zero, so the decoder first behaves like the backbone;
+        other new weights are drawn with ``seed``.
         """
         if isinstance(backbone, PreTrainedModel):
             if tokenizer is None:
@@ -184,6 +187,7 @@ class PiscoModel:
             lora_dropout=lora_dropout,
             long_documents=long_documents,
             rerank_head=rerank_head,
+            retriever=retriever,
             **_compressor_fields(compressor, connector_hidden, int(model.config.hidden_size)),
         )
         with torch.random.fork_rng(devices=[]):
@@ -369,6 +373,8 @@ class PiscoModel:
         cfg = self.config.to_dict()
         for volatile in ("name", "trained", "extra", "long_documents"):
             cfg.pop(volatile, None)
+        for key in [k for k in cfg if k.startswith("retriever")]:
+            cfg.pop(key)  # retrieval never changes memories or answers
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(b"half" if self.dtype in (torch.float16, torch.bfloat16) else b"full")
         with torch.no_grad():
@@ -376,6 +382,8 @@ class PiscoModel:
             if self.compressor is not None:
                 params += [(f"compressor.{n}", p) for n, p in self.compressor.named_parameters()]
             for name, p in sorted(params, key=lambda kv: kv[0]):
+                if f".{RETRIEVER}." in name:
+                    continue
                 h.update(f"{name}{tuple(p.shape)}".encode())
                 flat = p.detach().reshape(-1)
                 if "lora_" not in name:  # base weights: a strided sample identifies them
@@ -559,6 +567,43 @@ class PiscoModel:
                 except CorruptMemoryError:
                     found.append(None)
             return found
+
+    # ------------------------------------------------------------------ retrieval
+    def embed_queries(
+        self, queries: Sequence[str], *, batch_size: int = 32, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Unit vectors ``[n, hidden]`` of questions (with ``config.retriever_query_prefix``),
+        from the retriever adapter, or the plain backbone if the model has none; the cosine
+        similarity with :meth:`embed_documents` vectors ranks passages."""
+        return embedding.embed(
+            self, queries, query=True, batch_size=batch_size, show_progress=show_progress
+        )
+
+    def embed_documents(
+        self, documents: Sequence[str], *, batch_size: int = 32, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Unit vectors ``[n, hidden]`` of passages (see :meth:`embed_queries`)."""
+        return embedding.embed(
+            self, documents, query=False, batch_size=batch_size, show_progress=show_progress
+        )
+
+    def add_retriever(self) -> None:
+        """Give the model a retriever adapter (identity at first: the backbone's own
+        embeddings) to train with ``pisco-rag train --stage retriever``. Memories and answers
+        are unchanged, and so is the fingerprint."""
+        if self.config.retriever:
+            return
+        with self._lock:
+            lora = lora_config(
+                self.config.lora_r,
+                self.config.lora_alpha,
+                self.config.lora_dropout,
+                self.config.lora_target_modules,
+            )
+            training = self.model.training
+            add_adapters(self.model, lora, (RETRIEVER,), {})
+            self.model.to(self.device).train(training)  # new LoRA dropout starts in train mode
+            self.config.retriever = True
 
     def compress_texts(
         self, texts: Sequence[str], queries: Sequence[str] | None = None
@@ -1082,8 +1127,9 @@ def tail_logits(
 
 
 def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:
-    """OSCAR decoders carry only the decoder adapter; PISCO both."""
-    return (DECODER,) if config.is_oscar else (DECODER, ENCODER)
+    """OSCAR decoders carry only the decoder adapter; PISCO both; a retriever adds its own."""
+    names = (DECODER,) if config.is_oscar else (DECODER, ENCODER)
+    return (*names, RETRIEVER) if config.retriever else names
 
 
 def _compressor_fields(spec: str, connector_hidden: int | None, decoder_hidden: int) -> dict:
