@@ -7,6 +7,7 @@
   ``CrossEncoderReranker``).
 - :class:`ChatPisco`: a chat model that reads the memories behind the tags in its prompt.
 - :class:`ByteStoreMemoryStore`: keeps memories in any LangChain ``ByteStore``.
+- :class:`PiscoEmbeddings`: the PISCO model's own retriever (one backbone for all three stages).
 - :class:`SentenceTransformerEmbeddings`: offline all-MiniLM-L6-v2 embeddings for vector stores.
 
 ``escape_tags`` (from pisco_rag) defuses tag-like text in untrusted input such as a question.
@@ -21,7 +22,7 @@ from .document_compressors import (
     PiscoDocumentCompressor,
     original_documents,
 )
-from .embeddings import SentenceTransformerEmbeddings
+from .embeddings import PiscoEmbeddings, SentenceTransformerEmbeddings
 from .rerankers import RELEVANCE_SCORE_KEY, OscarReranker
 from .stores import ByteStoreMemoryStore
 
@@ -33,6 +34,7 @@ __all__ = [
     "ChatPisco",
     "OscarReranker",
     "PiscoDocumentCompressor",
+    "PiscoEmbeddings",
     "SentenceTransformerEmbeddings",
     "escape_tags",
     "original_documents",

@@ -9,6 +9,7 @@ with the pisco adapters. Needs the ``embedded`` extra (``sentence-transformers``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables import run_in_executor
@@ -74,4 +75,37 @@ class SentenceTransformerEmbeddings(Embeddings):
         return f"SentenceTransformerEmbeddings(model_path={self.model_path!r})"
 
 
-__all__ = ["SentenceTransformerEmbeddings"]
+class PiscoEmbeddings(Embeddings):
+    """The PISCO model's own retriever as LangChain ``Embeddings``: one backbone retrieves,
+    compresses and answers (:meth:`pisco_rag.PiscoModel.embed_queries`). Queries get the
+    model's query prefix; vectors are normalised. A model without a retriever adapter embeds
+    with its plain backbone (untrained for retrieval)."""
+
+    def __init__(self, pisco_model: Any, *, batch_size: int = 32) -> None:
+        from pisco_rag import PiscoInputError, PiscoModel
+
+        if not isinstance(pisco_model, PiscoModel):
+            raise PiscoInputError(
+                f"PiscoEmbeddings needs a pisco_rag.PiscoModel, got {type(pisco_model).__name__}"
+            )
+        self.pisco_model = pisco_model
+        self.batch_size = batch_size
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """One vector per passage."""
+        if not texts:
+            return []
+        return self.pisco_model.embed_documents(list(texts), batch_size=self.batch_size).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        """The vector of one question (with the model's query prefix)."""
+        return self.pisco_model.embed_queries([text])[0].tolist()
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        return await run_in_executor(None, self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return await run_in_executor(None, self.embed_query, text)
+
+
+__all__ = ["PiscoEmbeddings", "SentenceTransformerEmbeddings"]

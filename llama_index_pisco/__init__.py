@@ -18,7 +18,7 @@ Swapping a text RAG pipeline to PISCO is two lines: ``llm=PiscoLLM(model)`` and
 ``node_postprocessors=[OscarReranker(model, top_n=5)]`` replaces the text reranker.
 """
 
-from .embedding import SentenceTransformerEmbedding, embedded_minilm_dir
+from .embedding import PiscoEmbedding, SentenceTransformerEmbedding, embedded_minilm_dir
 from .events import PiscoCompressEndEvent, PiscoCompressStartEvent
 from .ingestion import PiscoMemoryTransform, pisco_sentence_splitter
 from .llm import PiscoLLM
@@ -43,6 +43,7 @@ __all__ = [
     "PiscoCompressEndEvent",
     "PiscoCompressStartEvent",
     "PiscoCompressor",
+    "PiscoEmbedding",
     "PiscoLLM",
     "PiscoMemoryTransform",
     "PiscoTextNode",

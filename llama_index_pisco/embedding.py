@@ -72,4 +72,44 @@ class SentenceTransformerEmbedding(BaseEmbedding):
         return await asyncio.to_thread(self._get_text_embedding, text)
 
 
-__all__ = ["SentenceTransformerEmbedding", "embedded_minilm_dir"]
+class PiscoEmbedding(BaseEmbedding):
+    """The PISCO model's own retriever as a LlamaIndex embedding: one backbone retrieves,
+    compresses and answers (:meth:`pisco_rag.PiscoModel.embed_queries`). Queries get the
+    model's query prefix; vectors are normalised. A model without a retriever adapter embeds
+    with its plain backbone (untrained for retrieval)."""
+
+    _model: Any = PrivateAttr()
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        from ._common import check_model
+
+        model = check_model(model, "PiscoEmbedding")
+        kwargs.setdefault("model_name", model.config.name or model.config.backbone)
+        kwargs.setdefault("embed_batch_size", 32)
+        super().__init__(**kwargs)
+        self._model = model
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PiscoEmbedding"
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._model.embed_queries([query])[0].tolist()
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._model.embed_documents([text])[0].tolist()
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self._model.embed_documents(list(texts), batch_size=self.embed_batch_size).tolist()
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+__all__ = ["PiscoEmbedding", "SentenceTransformerEmbedding", "embedded_minilm_dir"]

@@ -110,3 +110,46 @@ def test_last_token_pooling_and_threads(retriever_model):
 def test_bad_texts_are_clear_errors(retriever_model, texts, match):
     with pytest.raises(PiscoInputError, match=match):
         retriever_model.embed_documents(texts)
+
+
+def test_llama_index_vector_index_retrieves_with_the_pisco_embedding(retriever_model):
+    from llama_index.core import Document, VectorStoreIndex
+
+    from llama_index_pisco import PiscoEmbedding
+
+    embed = PiscoEmbedding(retriever_model, embed_batch_size=2)
+    vector = embed.get_query_embedding("Which river?")
+    expected = retriever_model.embed_queries(["Which river?"])[0]
+    torch.testing.assert_close(torch.tensor(vector), expected)
+    index = VectorStoreIndex.from_documents([Document(text=p) for p in PASSAGES], embed_model=embed)
+    nodes = index.as_retriever(similarity_top_k=3).retrieve("Which river?")
+    docs = retriever_model.embed_documents(PASSAGES)
+    order = (docs @ expected).argsort(descending=True).tolist()
+    assert [n.node.text for n in nodes] == [PASSAGES[i] for i in order]
+    import asyncio
+
+    many = asyncio.run(embed.aget_text_embedding_batch(PASSAGES))
+    torch.testing.assert_close(torch.tensor(many), docs)
+
+
+def test_langchain_vector_store_retrieves_with_the_pisco_embeddings(retriever_model):
+    import asyncio
+
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from langchain_pisco import PiscoEmbeddings
+
+    embeddings = PiscoEmbeddings(retriever_model, batch_size=2)
+    store = InMemoryVectorStore(embeddings)
+    store.add_texts(PASSAGES)
+    hits = store.similarity_search("Which river?", k=3)
+    expected = retriever_model.embed_queries(["Which river?"])[0]
+    docs = retriever_model.embed_documents(PASSAGES)
+    order = (docs @ expected).argsort(descending=True).tolist()
+    assert [h.page_content for h in hits] == [PASSAGES[i] for i in order]
+    assert asyncio.run(embeddings.aembed_query("Which river?")) == pytest.approx(
+        expected.tolist(), abs=1e-5
+    )
+    assert embeddings.embed_documents([]) == []
+    with pytest.raises(PiscoInputError, match=r"needs a pisco_rag\.PiscoModel"):
+        PiscoEmbeddings("not a model")
