@@ -44,7 +44,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     chunks = _chunks(model, args.folder)
-    retriever = DenseRetriever(device="cpu")
+    if args.retriever == "pisco":
+        retriever = DenseRetriever.from_pisco(model)
+    else:
+        retriever = DenseRetriever(device="cpu")
     retriever.add(chunks, show_progress=len(chunks) > 64)
     reranking = model.config.rerank_head and not args.text
     hits = retriever.search(args.question, args.retrieve_k if reranking else args.top_k)
@@ -173,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("folder")
     ask.add_argument("question")
     ask.add_argument("--top-k", type=positive_int, default=5, help="chunks read (default 5)")
+    ask.add_argument(
+        "--retriever",
+        choices=("minilm", "pisco"),
+        default="minilm",
+        help="who retrieves: all-MiniLM-L6-v2 (default) or the model's own retriever (one "
+        "backbone for retrieval, compression and answers)",
+    )
     ask.add_argument(
         "--retrieve-k",
         type=positive_int,

@@ -204,31 +204,50 @@ def minilm_path() -> str:
 
 
 class DenseRetriever:
-    """Cosine-similarity retrieval over chunks with a sentence-transformers model."""
+    """Cosine-similarity retrieval over chunks: all-MiniLM-L6-v2 (or any sentence-transformers
+    model) by default, or a PISCO model's own retriever (:meth:`from_pisco`)."""
 
     def __init__(self, model_name_or_path: str | None = None, device: str | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
         with quiet_loading():
-            self.encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
+            encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
+
+        def encode(texts: list[str], query: bool, show_progress: bool = False) -> torch.Tensor:
+            return encoder.encode(
+                texts,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=show_progress,
+            ).cpu()
+
+        self._encode = encode
         self.chunks: list[Chunk] = []
         self._matrix: torch.Tensor | None = None
 
+    @classmethod
+    def from_pisco(cls, model: Any) -> DenseRetriever:
+        """Retrieval with ``model.embed_queries`` / ``embed_documents``: one backbone for all."""
+        retriever = cls.__new__(cls)
+
+        def encode(texts: list[str], query: bool, show_progress: bool = False) -> torch.Tensor:
+            embed = model.embed_queries if query else model.embed_documents
+            return embed(texts, show_progress=show_progress)
+
+        retriever._encode = encode
+        retriever.chunks = []
+        retriever._matrix = None
+        return retriever
+
     def add(self, chunks: Sequence[Chunk], show_progress: bool = False) -> None:
-        vectors = self.encoder.encode(
-            [c.text for c in chunks],
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=show_progress,
-        )
+        vectors = self._encode([c.text for c in chunks], False, show_progress)
         self.chunks.extend(chunks)
         self._matrix = vectors if self._matrix is None else torch.cat([self._matrix, vectors])
 
     def search(self, query: str, k: int) -> list[tuple[Chunk, float]]:
         if self._matrix is None:
             return []
-        q = self.encoder.encode([query], convert_to_tensor=True, normalize_embeddings=True)
-        scores = (self._matrix @ q[0]).cpu()
+        scores = self._matrix @ self._encode([query], True)[0]
         top = torch.topk(scores, min(k, len(self.chunks)))
         return [(self.chunks[i], float(s)) for s, i in zip(top.values, top.indices.tolist())]
 

@@ -153,3 +153,25 @@ def test_langchain_vector_store_retrieves_with_the_pisco_embeddings(retriever_mo
     assert embeddings.embed_documents([]) == []
     with pytest.raises(PiscoInputError, match=r"needs a pisco_rag\.PiscoModel"):
         PiscoEmbeddings("not a model")
+
+
+def test_cli_ask_retrieves_with_the_model_itself(tmp_path, capsys):
+    from pisco_rag.cli import main
+
+    backbone, tok = tiny_backbone("llama", 5)
+    backbone.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model = PiscoModel.from_backbone(str(tmp_path / "base"), retriever=True, device="cpu")
+    model.save_pretrained(tmp_path / "ckpt")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, text in enumerate(PASSAGES):
+        (folder / f"doc{i}.txt").write_text(text)
+    argv = ["ask", str(folder), "Which river?", "--model", str(tmp_path / "ckpt"), "--top-k", "2"]
+    assert main([*argv, "--retriever", "pisco", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    scores = loaded.embed_documents(PASSAGES) @ loaded.embed_queries(["Which river?"])[0]
+    best = [f"doc{i}.txt" for i in scores.argsort(descending=True).tolist()[:2]]
+    sources = [line for line in out.splitlines() if ".txt" in line]
+    assert len(sources) == 2 and all(b in s for b, s in zip(best, sources))
