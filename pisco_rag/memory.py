@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,9 +33,6 @@ def _checksum(t: torch.Tensor, *metadata: str) -> str:
     return h.hexdigest()[:16]
 
 
-_KEY = re.compile(r"[0-9a-f]{32}")
-
-
 @dataclass(frozen=True, eq=False)
 class Memory:
     """The compressed form of one chunk of text.
@@ -58,16 +54,13 @@ class Memory:
 
     def __post_init__(self) -> None:
         v = self.vectors
-        if not isinstance(v, torch.Tensor) or v.ndim != 2 or not v.is_floating_point():
+        packed = isinstance(v, torch.Tensor) and v.dtype == torch.int8  # a store's int8 form
+        if not isinstance(v, torch.Tensor) or v.ndim != 2 or not (v.is_floating_point() or packed):
             raise PiscoInputError(
                 f"Memory.vectors must be a 2-D float tensor [n_mem, hidden], got "
                 f"{getattr(v, 'shape', type(v).__name__)}"
             )
-        if not isinstance(self.key, str) or not _KEY.fullmatch(self.key):
-            raise PiscoInputError(
-                f"Memory.key must be 32 lowercase hex digits (see memory_key), got {self.key!r}"
-            )
-        if not bool(torch.isfinite(v).all()):
+        if not packed and not bool(torch.isfinite(v).all()):
             raise PiscoInputError(f"memory {self.key} holds NaN or infinite values")
         if v.untyped_storage().nbytes() > v.numel() * v.element_size() or not v.is_contiguous():
             # a view into a batch's hidden states would keep the whole batch alive

@@ -20,9 +20,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from .errors import TagError
+from .errors import PiscoInputError, TagError
 from .memory import Memory
-from .tags import make_tag, verify_tag
+from .tags import TAG_KEY, make_tag, verify_tag
 from .verbosity import warn_once
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,11 @@ class MemoryStore(ABC):
 
     def tag(self, memory: Memory) -> str:
         """Store ``memory`` (if it is not yet) and return the tag that stands for it in prompts."""
+        if not TAG_KEY.fullmatch(memory.key):
+            raise PiscoInputError(
+                f"only memories with a content key (32 lowercase hex digits, see memory_key) can "
+                f"be tagged; got key {memory.key!r}"
+            )
         if memory.key not in self:
             self.put(memory)
         return make_tag(self.secret, memory.key)

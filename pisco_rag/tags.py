@@ -17,8 +17,9 @@ import hashlib
 import hmac
 import re
 
+TAG_KEY = re.compile(r"[0-9a-f]{32}")  # memory_key's form
 TAG_PATTERN = re.compile(r"\[\[pisco:([0-9a-f]{32}):([0-9a-f]{16})\]\]")
-# Anything shaped roughly like a tag, to report malformed ones instead of passing them as text.
+# Anything shaped roughly like a tag: read as text unless it is a valid tag of the store.
 LOOSE_TAG_PATTERN = re.compile(r"\[\[\s*pisco:[^\]]*\]\]")
 
 

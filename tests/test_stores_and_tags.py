@@ -58,7 +58,7 @@ def test_memory_refuses_nan_and_bad_keys_and_checksums_its_metadata(tmp_path):
     with pytest.raises(PiscoInputError, match="NaN or infinite"):
         Memory(torch.full((8, 4), float("nan")), "f" * 16, good.key)
     with pytest.raises(PiscoInputError, match="32 lowercase hex"):
-        Memory(good.vectors, "f" * 16, "not-hex")
+        LRUMemoryStore().tag(Memory(good.vectors, "f" * 16, "not-hex"))
     data = bytearray(good.to_bytes())
     i = data.find(b"ffffffffffffffff")  # the fingerprint in the header: damage it
     data[i] = ord("e")
