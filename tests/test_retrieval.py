@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -175,3 +176,148 @@ def test_cli_ask_retrieves_with_the_model_itself(tmp_path, capsys):
     best = [f"doc{i}.txt" for i in scores.argsort(descending=True).tolist()[:2]]
     sources = [line for line in out.splitlines() if ".txt" in line]
     assert len(sources) == 2 and all(b in s for b, s in zip(best, sources))
+
+
+# ---------------------------------------------------------------------- training
+def test_invariance_term_by_hand():
+    from pisco_rag.training.retriever import invariance_loss
+
+    q = torch.tensor([[1.0, 0.0]])
+    q2 = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    cands = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    t = 1.0
+    # by hand: drift 1 - cos = 1 - 1/sqrt(2); q ranks with logits (1, 0), q2 with (s, s)
+    s = 2**-0.5
+    pa = torch.tensor([1.0, 0.0]).softmax(0)
+    pb = torch.tensor([s, s]).softmax(0)
+    kl_ab = (pa * (pa.log() - pb.log())).sum()
+    kl_ba = (pb * (pb.log() - pa.log())).sum()
+    expected = (1 - s) + (kl_ab + kl_ba) / 2
+    torch.testing.assert_close(invariance_loss(q, q2, cands, t), expected)
+    assert float(invariance_loss(q, q, cands, t)) == pytest.approx(0.0, abs=1e-6)
+    # with one candidate hidden from the perturbed query, only the drift is left
+    keep = torch.tensor([[True, False]])
+    torch.testing.assert_close(invariance_loss(q, q2, cands, t, keep), torch.tensor(1 - s))
+
+
+def test_alignment_and_contrastive_terms():
+    from pisco_rag.training.retriever import alignment_loss, contrastive_loss
+
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0]]), dim=-1)
+    cands = torch.nn.functional.normalize(torch.randn(2, 3, 2), dim=-1)
+    student = torch.einsum("bh,bnh->bn", q, cands)
+    assert float(alignment_loss(q, cands, student, 0.1)) == pytest.approx(0.0, abs=1e-6)
+    assert float(alignment_loss(q, cands, -student, 0.1)) > 0.1
+    passages = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    right = contrastive_loss(passages, passages, torch.tensor([0, 1]), 0.05)
+    wrong = contrastive_loss(passages, passages, torch.tensor([1, 0]), 0.05)
+    assert float(right) < 1e-6 < float(wrong)
+
+
+def test_perturbations_keep_the_words():
+    import random
+
+    from pisco_rag.training.retriever import perturb
+
+    rng = random.Random(0)
+    question = "who played the father on father knows best"
+    variants = {perturb(question, rng) for _ in range(40)}
+    assert len(variants) > 4 and question.lower() in {v.lower() for v in variants} | {question}
+    for v in variants:
+        assert set(v.lower().split()) - set(question.split()) <= {
+            "question:",
+            "please",
+            "answer:",
+            "find",
+            "passages",
+            "about",
+            "this:",
+        }
+
+
+def test_train_retriever_moves_only_the_retriever(tmp_path):
+    from pisco_rag.training.retriever import RetrieverConfig, train_retriever
+
+    model = tiny_pisco(seed=6)
+    memories_before = model.compress(PASSAGES[:1], use_store=False)[0].vectors
+    answer_before = model.generate(["Which river?"], [[]], max_new_tokens=3)
+    records = [
+        {
+            "question": f"Which passage is number {i}?",
+            "documents": [PASSAGES[i % 3], PASSAGES[(i + 1) % 3], PASSAGES[(i + 2) % 3]],
+            "gold_index": 0,
+            "retrieval_scores": [0.9, 0.3, 0.1],
+        }
+        for i in range(6)
+    ]
+    result = train_retriever(
+        model,
+        records,
+        RetrieverConfig(
+            str(tmp_path), batch_size=3, max_steps=4, lr=1e-2, logging_steps=2, show_progress=False
+        ),
+    )
+    assert [e["step"] for e in result["log"]] == [2, 4]
+    assert {"alignment", "contrastive", "invariance", "loss"} <= set(result["log"][0])
+    lora_b = [p for n, p in model.model.named_parameters() if f"lora_B.{RETRIEVER}" in n]
+    assert any(float(p.abs().sum()) > 0 for p in lora_b)  # the retriever moved
+    torch.testing.assert_close(
+        model.compress(PASSAGES[:1], use_store=False)[0].vectors, memories_before
+    )
+    assert model.generate(["Which river?"], [[]], max_new_tokens=3) == answer_before
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert saved["retriever"] is True
+    with pytest.raises(PiscoInputError, match="retrieval_scores"):
+        train_retriever(
+            model, [dict(records[0], retrieval_scores=None)], RetrieverConfig(str(tmp_path))
+        )
+
+
+def test_cli_train_stage_retriever(tmp_path):
+    from pisco_rag.cli import main
+
+    backbone, tok = tiny_backbone("llama", 2)
+    backbone.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"r{i}",
+                    "split": "train",
+                    "question": f"Which passage {i}?",
+                    "documents": PASSAGES,
+                    "gold_index": i % 3,
+                    "retrieval_scores": [0.5, 0.4, 0.3],
+                    "answer": "x",
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    argv = [
+        "train",
+        str(data),
+        "--output",
+        str(tmp_path / "run"),
+        "--from-backbone",
+        str(tmp_path / "base"),
+        "--stage",
+        "retriever",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    log = json.loads((tmp_path / "run" / "retriever_log.json").read_text())["log"]
+    assert [e["step"] for e in log] == [1, 2]
+    model = PiscoModel.from_pretrained(tmp_path / "run" / "final", device="cpu")
+    assert model.config.retriever and model.embed_queries(["Which passage?"]).shape[0] == 1

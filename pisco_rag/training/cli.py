@@ -129,6 +129,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.stage == "retriever":
+        return _train_retriever(args)
     from .trainer import TrainConfig, train
 
     config = TrainConfig(
@@ -166,6 +168,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained to step {result['global_step']} (mean loss {result['train_loss']}); "
         f"model saved to {result['final']}"
     )
+    return 0
+
+
+def _train_retriever(args: argparse.Namespace) -> int:
+    from .retriever import RetrieverConfig, train_retriever
+
+    config = RetrieverConfig(
+        output_dir=args.output,
+        batch_size=args.batch_size,
+        lr=args.decoder_lr,
+        max_steps=args.max_steps if args.max_steps > 0 else 200,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        show_progress=not args.quiet,
+    )
+    records = [dict(r) for r in _records(args.data, args.data_split)]
+    model = _load_model(args, for_training=True)
+    result = train_retriever(model, records, config)
+    print(f"retriever trained for {config.max_steps} steps; model saved to {result['final']}")
     return 0
 
 
@@ -325,6 +346,13 @@ def add_train_commands(subparsers: Any) -> None:
         choices=["label", "answer"],
         default=None,
         help="what to learn (default: teacher 'label' if present, else 'answer')",
+    )
+    tr.add_argument(
+        "--stage",
+        choices=("reader", "retriever"),
+        default="reader",
+        help="reader: compressor and decoder (distillation, default); retriever: the retriever "
+        "adapter (alignment to MiniLM, contrastive, invariance; --decoder-lr is its rate)",
     )
     tr.add_argument("--max-steps", type=int, default=-1)
     tr.add_argument("--epochs", type=float, default=1.0)

@@ -1,0 +1,243 @@
+"""Training the retriever adapter (Invar-RAG, arXiv 2411.07021): one backbone that retrieves.
+
+Three terms, on records with a question, candidate passages (``documents``), the gold one
+(``gold_index``) and the small embedder's similarities (``retrieval_scores``, from
+``pisco-rag build-data``: all-MiniLM-L6-v2's cosine):
+
+- **alignment**: KL(MiniLM's softmax over the candidates || the retriever's), so the LLM's
+  similarities start from a good small embedder's;
+- **contrastive**: InfoNCE of the question against its gold passage, with every other passage
+  of the batch (in-batch and retrieved hard negatives) as negatives;
+- **invariance**: the question and a perturbation of it that keeps its meaning (word dropout,
+  casing, two neighbouring words swapped, an added instruction, fewer candidates) should embed
+  alike and rank the candidates alike: ``1 - cos(q, q')`` plus the symmetric KL between the
+  two ranking distributions.
+
+The loss is ``alignment_weight * alignment + contrastive + invariance_weight * invariance``;
+each term is logged. Only the retriever adapter trains; memories and answers do not change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapters import DECODER, RETRIEVER, use_adapter
+from ..embedding import encode_for_retrieval, pool, retrieval_hidden
+from ..errors import PiscoInputError
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = ("Question: ", "Please answer: ", "Find passages about this: ")
+
+
+# ---------------------------------------------------------------------- losses
+def similarity_distribution(query: torch.Tensor, candidates: torch.Tensor, temperature: float):
+    """Log-softmax over candidates of ``cos(query, candidate) / temperature`` (unit vectors:
+    ``query [b, h]``, ``candidates [b, n, h]``)."""
+    return F.log_softmax(torch.einsum("bh,bnh->bn", query, candidates) / temperature, dim=-1)
+
+
+def alignment_loss(
+    query: torch.Tensor, candidates: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(softmax(teacher / T) || the retriever's distribution), mean over the batch."""
+    student = similarity_distribution(query, candidates, temperature)
+    target = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def contrastive_loss(
+    query: torch.Tensor, passages: torch.Tensor, gold: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE: ``query[i]`` against every passage of the batch (``passages [m, h]``), the
+    right one being ``passages[gold[i]]``."""
+    return F.cross_entropy(query @ passages.T / temperature, gold)
+
+
+def invariance_loss(
+    query: torch.Tensor,
+    perturbed: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``1 - cos(q, q')`` plus the symmetric KL between the rankings of the candidates by
+    ``q`` and by ``q'`` (``keep [b, n]``: the candidates the perturbed query sees)."""
+    drift = (1 - (query * perturbed).sum(-1)).mean()
+    a = similarity_distribution(query, candidates, temperature)
+    b = similarity_distribution(perturbed, candidates, temperature)
+    if keep is not None:  # compare the rankings over the candidates both saw
+        a = F.log_softmax(a.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
+        b = F.log_softmax(b.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
+    pa, pb = a.exp(), b.exp()
+    if keep is not None:
+        pa, pb = pa * keep, pb * keep
+    kl = ((pa * (a - b)).sum(-1) + (pb * (b - a)).sum(-1)).mean() / 2
+    return drift + kl
+
+
+# ---------------------------------------------------------------------- perturbations
+def perturb(question: str, rng: random.Random) -> str:
+    """A variant of ``question`` with the same meaning: one of word dropout (one word of a
+    long question), casing, two neighbouring words swapped, an added instruction."""
+    words = question.split()
+    kind = rng.randrange(4)
+    if kind == 0 and len(words) > 4:
+        del words[rng.randrange(len(words))]
+    elif kind == 1:
+        return question.lower() if rng.random() < 0.5 else question.capitalize()
+    elif kind == 2 and len(words) > 2:
+        i = rng.randrange(len(words) - 1)
+        words[i], words[i + 1] = words[i + 1], words[i]
+    else:
+        return rng.choice(INSTRUCTIONS) + question
+    return " ".join(words)
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class RetrieverConfig:
+    output_dir: str
+    batch_size: int = 8
+    lr: float = 2e-4
+    max_steps: int = 200
+    temperature: float = 0.05
+    alignment_weight: float = 1.0
+    invariance_weight: float = 1.0
+    seed: int = 0
+    logging_steps: int = 10
+    show_progress: bool = True
+
+
+def _check_records(records: Sequence[dict[str, Any]]) -> None:
+    for i, r in enumerate(records):
+        docs = r.get("documents")
+        if not r.get("question") or not docs or r.get("gold_index") is None:
+            raise PiscoInputError(
+                f"retriever record {i} needs a question, documents and gold_index "
+                "(records of `pisco-rag build-data --split train`)"
+            )
+        if len(r.get("retrieval_scores") or []) != len(docs):
+            raise PiscoInputError(
+                f"retriever record {i} needs one retrieval_scores entry per document (MiniLM's "
+                "similarities, which build-data writes) for the alignment term"
+            )
+
+
+def _embed_grad(model, texts: list[str], prefix: str) -> torch.Tensor:
+    ids, mask = encode_for_retrieval(model, texts, prefix)
+    hidden = retrieval_hidden(model, ids, mask)
+    return pool(hidden, mask.to(hidden.device), model.config.retriever_pooling)
+
+
+def retriever_step_loss(
+    model, batch: Sequence[dict[str, Any]], config: RetrieverConfig, rng: random.Random
+) -> dict[str, torch.Tensor]:
+    """The three terms on one batch (the caller holds the model lock)."""
+    prefix = model.config.retriever_query_prefix
+    n = min(len(r["documents"]) for r in batch)  # same candidate count across the batch
+    questions = [r["question"] for r in batch]
+    query = _embed_grad(model, questions, prefix)
+    perturbed = _embed_grad(model, [perturb(q, rng) for q in questions], prefix)
+    passages, gold, teacher = [], [], []
+    for i, r in enumerate(batch):
+        order = [r["gold_index"], *(j for j in range(len(r["documents"])) if j != r["gold_index"])]
+        order = order[:n]  # the gold passage first, then the others
+        passages += [r["documents"][j] for j in order]
+        gold.append(i * n)
+        teacher.append([float(r["retrieval_scores"][j]) for j in order])
+    device = query.device
+    cands = _embed_grad(model, passages, "").reshape(len(batch), n, -1)
+    keep = torch.ones(len(batch), n, dtype=torch.bool, device=device)
+    if n > 2:  # fewer candidates for the perturbed query: the ranking must not depend on it
+        keep[:, rng.randrange(2, n) :] = False
+    t = config.temperature
+    terms = {
+        "alignment": alignment_loss(query, cands, torch.tensor(teacher, device=device), t),
+        "contrastive": contrastive_loss(
+            query, cands.reshape(-1, cands.shape[-1]), torch.tensor(gold, device=device), t
+        ),
+        "invariance": invariance_loss(query, perturbed, cands, t, keep),
+    }
+    terms["loss"] = (
+        config.alignment_weight * terms["alignment"]
+        + terms["contrastive"]
+        + config.invariance_weight * terms["invariance"]
+    )
+    return terms
+
+
+def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverConfig) -> dict:
+    """Train ``model``'s retriever adapter (added if missing) on ``records``; saves the model
+    to ``output_dir/final`` and the log to ``output_dir/retriever_log.json``."""
+    records = list(records)
+    _check_records(records)
+    model.add_retriever()
+    params = [p for n, p in model.model.named_parameters() if f".{RETRIEVER}." in n]
+    flags = {id(p): p.requires_grad for p in model.model.parameters()}
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    rng = random.Random(config.seed)
+    log, parts = [], {}
+    start = time.perf_counter()
+    model.model.train()
+    try:
+        for step in tqdm(range(1, config.max_steps + 1), disable=not config.show_progress):
+            batch = rng.sample(records, min(config.batch_size, len(records)))
+            with model._lock:
+                try:
+                    use_adapter(model.model, RETRIEVER)
+                    for p in params:  # set_adapter switched the others off; ours stays on
+                        p.requires_grad_(True)
+                    terms = retriever_step_loss(model, batch, config, rng)
+                    terms["loss"].backward()
+                finally:
+                    use_adapter(model.model, DECODER)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            for k, v in terms.items():
+                parts.setdefault(k, []).append(float(v))
+            if step % config.logging_steps == 0 or step == config.max_steps:
+                entry = {k: round(sum(v) / len(v), 4) for k, v in parts.items()}
+                log.append(
+                    {"step": step, "seconds": round(time.perf_counter() - start, 1), **entry}
+                )
+                logger.info("retriever step %d: %s", step, entry)
+                parts = {}
+    finally:
+        model.model.eval()
+        for p in model.model.parameters():
+            p.requires_grad_(flags[id(p)])
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "final")
+    (out / "retriever_log.json").write_text(
+        json.dumps({"config": asdict(config), "log": log}, indent=2) + "\n"
+    )
+    return {"final": str(out / "final"), "log": log}
+
+
+__all__ = [
+    "RetrieverConfig",
+    "alignment_loss",
+    "contrastive_loss",
+    "invariance_loss",
+    "perturb",
+    "retriever_step_loss",
+    "train_retriever",
+]
