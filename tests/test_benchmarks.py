@@ -305,3 +305,15 @@ def test_accelerator_run_script_runs_end_to_end(tmp_path):
         report = json.loads((out / f"eval_{name}.json").read_text())
         assert report["data"]["n"] == 3 and "gap_recovered" in report["diagnostics"]
     assert json.loads((out / "train_log_k3.json").read_text())
+
+
+def test_retrieval_script_runs(tmp_path):
+    out = tmp_path / "retrieval.json"
+    data = eval_records(tmp_path / "eval.jsonl", n=4)
+    run_script("benchmarks/retrieval.py", "--tiny", "--eval", str(data), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["questions"] == 4 and result["corpus_passages"] == 12
+    assert {"bm25", "minilm", "pisco_backbone_untrained_mean"} <= set(result["retrievers"])
+    for r in result["retrievers"].values():
+        assert 0.0 <= r["metrics"]["recall@1"] <= r["metrics"]["recall@5"] <= 1.0
+        assert 0.0 <= r["top10_jaccard_under_perturbation"] <= 1.0
