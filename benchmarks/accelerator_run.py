@@ -31,20 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
 from _common import environment, tiny_backbone
-from transformers import TrainerCallback
+from train_smollm2 import TimeLimit
 
 SHARES = {"pretrain": 0.35, "k1": 0.35, "k3": 0.20}  # the rest (0.10): evaluation
-
-
-class StopAt(TrainerCallback):
-    """Stop training (and save) once ``deadline`` (``time.monotonic()``) has passed."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() > self.deadline:
-            control.should_training_stop = True
 
 
 def build_model(args: argparse.Namespace):
@@ -81,7 +70,7 @@ def run_phase(model, name: str, data: str, seconds: float, args, out: Path) -> d
         bf16=torch.cuda.is_available(),
         show_progress=False,
     )
-    result = train(model, data, config=config, callbacks=[StopAt(start + seconds)])
+    result = train(model, data, config=config, callbacks=[TimeLimit(seconds)])
     (out / f"train_log_{name}.json").write_text(json.dumps(result["log_history"], indent=2))
     return {"steps": result["global_step"], "seconds": round(time.monotonic() - start, 1)}
 
