@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from .cli_types import positive_int
+from .cli_types import existing_folder, positive_int, question_text
 from .defaults import UNTRAINED_NOTICE, model_notice
 from .verbosity import set_verbose
 
@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     ask = sub.add_parser("ask", help="answer a question over a folder of .txt/.md files")
-    ask.add_argument("folder")
-    ask.add_argument("question")
+    ask.add_argument("folder", type=existing_folder, help="a folder of .txt/.md files")
+    ask.add_argument("question", type=question_text)
     ask.add_argument("--top-k", type=positive_int, default=5, help="chunks read (default 5)")
     ask.add_argument(
         "--retriever",

@@ -138,6 +138,29 @@ def test_cli_rejects_bad_numbers(value, capsys):
     assert "--top-k" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ask", "examples/docs", "   "], "the question is empty"),
+        (["ask", "no/such/folder", "question?"], "is not a folder"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_loading_a_model(argv, message):
+    """Checked by argparse in a fresh process: no model (not even torch) is loaded."""
+    code = (
+        "import sys\n"
+        "from pisco_rag.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 2, e.code\n"
+        "    assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert message in result.stderr
+
+
 def test_unreachable_hub_means_local_cache_only(monkeypatch):
     """Offline, a hub id is looked up in the local cache only: a clear CheckpointError at
     once, not a minute of download retries."""
