@@ -594,14 +594,8 @@ class PiscoModel:
         if self.config.retriever:
             return
         with self._lock:
-            lora = lora_config(
-                self.config.lora_r,
-                self.config.lora_alpha,
-                self.config.lora_dropout,
-                self.config.lora_target_modules,
-            )
             training = self.model.training
-            add_adapters(self.model, lora, (RETRIEVER,), {})
+            add_adapters(self.model, _lora(self.config), (RETRIEVER,), {})
             self.model.to(self.device).train(training)  # new LoRA dropout starts in train mode
             self.config.retriever = True
 
@@ -1160,10 +1154,14 @@ def _add_adapters(model: PreTrainedModel, config: PiscoConfig, weights: dict[str
     missing = set(names) - set(weights) if weights else set()
     if missing:
         raise CheckpointError(f"the checkpoint's adapters lack {sorted(missing)}")
-    lora = lora_config(
+    add_adapters(model, _lora(config), names, weights)
+
+
+def _lora(config: PiscoConfig):
+    """The LoRA configuration every adapter of the model shares."""
+    return lora_config(
         config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
-    add_adapters(model, lora, names, weights)
 
 
 def _load_naver_rows(model, first_last: dict, base_vocab: int, directory: Path) -> list[int]:
