@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .verbosity import quiet_loading
+
 RERANK_TOKEN = "<RR>"
 
 
@@ -186,7 +188,8 @@ def build_compressor(
     add_compressor_tokens(tokenizer, config.n_mem_tokens, config.rerank_head)
     if config.compressor_padding_side:
         tokenizer.padding_side = config.compressor_padding_side
-    body.resize_token_embeddings(len(tokenizer))
+    with quiet_loading():  # transformers explains its mean-resizing of new rows at length
+        body.resize_token_embeddings(len(tokenizer))
     if lora_weights is not None:
         # naver's adapters are merged; a native compact one stays a LoRA adapter, so that
         # saving the model again stores it by reference again
