@@ -509,3 +509,23 @@ def test_pretraining_records_and_their_prompts(tmp_path):
         assert row == [*prompt, *target, tok.eos_token_id]
     loss = distillation_loss(model, records[:4])["loss"]
     assert loss > 0
+
+
+def test_question_likelihood_teacher_scores_are_question_log_likelihoods(tiny_model):
+    from pisco_rag.training.teacher import QuestionLikelihoodScorer
+
+    question = "Which river flows through Hamburg?"
+    records = [{"question": question, "documents": [question + " " + question, "Unrelated."]}]
+    scorer = QuestionLikelihoodScorer(tiny_model, batch_size=1)
+    (scores,) = scorer(records)
+    expected = [
+        -x
+        for x in tiny_model.answer_nll(
+            [scorer.INSTRUCTION] * 2,
+            [[d] for d in records[0]["documents"]],
+            [question] * 2,
+            adapter="none",
+        )
+    ]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert len(scores) == 2 and all(s < 0 for s in scores)

@@ -294,8 +294,9 @@ def add_train_commands(subparsers: Any) -> None:
     sc.add_argument(
         "--scorer",
         required=True,
-        help="cross-encoder:<name or path>, 'gold' (gold passage 1, others 0) or "
-        "'minilm' (bi-encoder cosine); the last two run offline",
+        help="cross-encoder:<name or path>, 'gold' (gold passage 1, others 0), 'minilm' "
+        "(bi-encoder cosine) or 'lm-likelihood' (log p(question | passage) under SmolLM2); "
+        "the last three run offline",
     )
     sc.add_argument("--out", required=True, help="output JSONL (appended; resumes)")
     sc.add_argument("--batch-size", type=positive_int, default=16)

@@ -11,7 +11,9 @@ Rerank teachers (``teacher_scores``, one per document):
   (1.0), every other document (MiniLM-retrieved hard negatives) ``negative`` (0.0); needs
   ``gold_index``;
 - ``minilm``: an offline graded substitute: the cosine similarity of question and document
-  under all-MiniLM-L6-v2 (a bi-encoder, weaker than a cross-encoder).
+  under all-MiniLM-L6-v2 (a bi-encoder, weaker than a cross-encoder);
+- ``lm-likelihood``: offline and graded: log p(question | passage) per token under the
+  embedded SmolLM2 reading the passage as text (unsupervised passage re-ranking).
 """
 
 from __future__ import annotations
@@ -299,15 +301,54 @@ class EmbeddingScorer:
         return out
 
 
+class QuestionLikelihoodScorer:
+    """Offline graded teacher (unsupervised passage re-ranking, Sachan et al. 2022): the mean
+    log-likelihood per token of the question given the passage, read as text by the plain
+    backbone of a :class:`~pisco_rag.PiscoModel` (by default the embedded SmolLM2)."""
+
+    INSTRUCTION = "Write a question that this passage answers."
+
+    def __init__(self, model: Any = None, batch_size: int = 8) -> None:
+        if model is None:
+            from ..model import PiscoModel
+
+            model = PiscoModel.from_pretrained("embedded")
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        pairs = [(r["question"], d) for r in records for d in r["documents"]]
+        nll = self.model.answer_nll(
+            [self.INSTRUCTION] * len(pairs),
+            [[d] for _, d in pairs],
+            [q for q, _ in pairs],
+            adapter="none",
+            batch_size=self.batch_size,
+        )
+        out, i = [], 0
+        for r in records:
+            n = len(r["documents"])
+            out.append([round(-x, 6) for x in nll[i : i + n]])
+            i += n
+        return out
+
+
 def make_scorer(spec: str, *, device: str | None = None) -> Callable:
-    """A rerank teacher from a spec: ``gold``, ``minilm``, ``cross-encoder:<name or path>`` or
-    a bare cross-encoder name/path."""
+    """A rerank teacher from a spec: ``gold``, ``minilm``, ``lm-likelihood`` (log p(question |
+    passage) under the embedded SmolLM2), ``cross-encoder:<name or path>`` or a bare
+    cross-encoder name/path."""
     if not spec:
-        raise PiscoInputError("scorer must be 'gold', 'minilm' or a cross-encoder name/path")
+        raise PiscoInputError(
+            "scorer must be 'gold', 'minilm', 'lm-likelihood' or a cross-encoder name/path"
+        )
     if spec == "gold":
         return GoldRelevanceScorer()
     if spec == "minilm":
         return EmbeddingScorer(device=device)
+    if spec == "lm-likelihood":
+        from ..model import PiscoModel
+
+        return QuestionLikelihoodScorer(PiscoModel.from_pretrained("embedded", device=device))
     return CrossEncoderScorer(spec.removeprefix("cross-encoder:"), device=device)
 
 
