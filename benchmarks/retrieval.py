@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help="PISCO checkpoint (or 'embedded')")
     parser.add_argument("--limit", type=int, default=None, help="first N questions")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--poolings", nargs="+", choices=("mean", "last"), default=["mean", "last"])
     parser.add_argument("--tiny", action="store_true", help="2-layer random model (smoke test)")
     parser.add_argument("--out", default=str(RESULTS / "retrieval.json"))
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def main() -> None:
         else:
             model = PiscoModel.from_pretrained(args.model, dtype=torch.float32)
     label = "pisco_retriever" if model.config.retriever else "pisco_backbone_untrained"
-    for pooling in ("mean", "last"):
+    for pooling in args.poolings:
         model.config.retriever_pooling = pooling
         docs = model.embed_documents(corpus, batch_size=args.batch_size)
         results[f"{label}_{pooling}"] = evaluate(
