@@ -152,5 +152,7 @@ def test_cli_ask_compress_and_info(tmp_path, capsys):
 
 
 def test_cli_reports_a_missing_folder(tmp_path, capsys):
-    assert main(["ask", str(tmp_path / "nope"), "Q?"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse, before the model loads
+        main(["ask", str(tmp_path / "nope"), "Q?"])
+    assert exit_info.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
