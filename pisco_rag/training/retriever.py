@@ -211,7 +211,7 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
             optimizer.step()
             optimizer.zero_grad()
             for k, v in terms.items():
-                parts.setdefault(k, []).append(float(v))
+                parts.setdefault(k, []).append(float(v.detach()))
             if step % config.logging_steps == 0 or step == config.max_steps:
                 entry = {k: round(sum(v) / len(v), 4) for k, v in parts.items()}
                 log.append(
