@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapters import DECODER, RETRIEVER, use_adapter
 from .errors import PiscoInputError
-from .prompting import check_encodable, text_ids
+from .prompting import check_batch_size, check_encodable, left_pad, text_ids
 from .verbosity import warn_once
 
 if TYPE_CHECKING:
@@ -42,13 +42,7 @@ def encode_for_retrieval(
             )
             ids = ids[: MAX_TOKENS - 1]
         rows.append([*ids, tok.eos_token_id])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return input_ids, mask
+    return left_pad(rows, tok.pad_token_id)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -90,8 +84,7 @@ def embed(
         if not isinstance(t, str) or not t.strip():
             raise PiscoInputError(f"{what}[{i}] must be a non-empty string, got {t!r:.60}")
         check_encodable(t, f"{what}[{i}]")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PiscoInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_batch_size(batch_size)
     prefix = model.config.retriever_query_prefix if query else ""
     out = []
     bar = tqdm(total=len(texts), desc=f"embedding {what}", disable=not show_progress)

@@ -66,8 +66,10 @@ from .prompting import (
     PromptRenderer,
     RenderedPrompt,
     Segment,
+    check_batch_size,
     check_encodable,
     check_segment,
+    left_pad,
     pisco_encoder_inputs,
     split_tags,
     text_ids,
@@ -439,7 +441,7 @@ class PiscoModel:
         """
         documents = _check_documents(documents, "documents")
         queries = self._check_queries(queries, len(documents))
-        batch_size = _check_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         policy = long_documents or self.config.long_documents
         if policy not in LONG_DOCUMENT_POLICIES:
             raise PiscoInputError(
@@ -646,7 +648,7 @@ class PiscoModel:
         prompts = self._pisco_prompts(questions, contexts)
         out: list[str] = []
         for start in tqdm(
-            range(0, len(prompts), _check_batch_size(batch_size)),
+            range(0, len(prompts), check_batch_size(batch_size)),
             desc="generating",
             disable=not show_progress,
         ):
@@ -688,7 +690,7 @@ class PiscoModel:
                     )
         prompts = self._pisco_prompts(questions, documents)
         out: list[str] = []
-        for start in range(0, len(prompts), _check_batch_size(batch_size)):
+        for start in range(0, len(prompts), check_batch_size(batch_size)):
             batch = prompts[start : start + batch_size]
             result = self._generate(batch, max_new_tokens, None, generation_kwargs, adapter=adapter)
             out += [c.text for c in result]
@@ -714,7 +716,7 @@ class PiscoModel:
         prompts = self._pisco_prompts(questions, contexts)
         eos = self.tokenizer.eos_token_id
         out: list[float] = []
-        for start in range(0, len(prompts), _check_batch_size(batch_size)):
+        for start in range(0, len(prompts), check_batch_size(batch_size)):
             batch, n_answer = [], []
             for p, a in zip(
                 prompts[start : start + batch_size], answers[start : start + batch_size]
@@ -858,13 +860,7 @@ class PiscoModel:
 
     def _embed(self, prompts: Sequence[RenderedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings with all memories spliced in by one masked write."""
-        width = max(len(p.input_ids) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
-            mask[row, width - len(p.input_ids) :] = 1
+        ids, mask = left_pad([p.input_ids for p in prompts], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         embeds = self._input_embeddings(ids)
         memories = [m.vectors for p in prompts for m in p.memories]
@@ -1247,12 +1243,6 @@ def _check_documents(documents: object, name: str) -> list[str]:
             )
         check_encodable(d, f"{name}[{i}]")
     return docs
-
-
-def _check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PiscoInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

@@ -161,6 +161,24 @@ def check_segment(seg: object, where: str) -> Segment:
     return check_encodable(seg, where)
 
 
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` if it is a positive int, else a clear error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PiscoInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows left-padded to the longest: ``(ids, attention mask)``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def check_encodable(text: str, where: str) -> str:
     """``text`` if it is valid Unicode (no lone surrogates, which no tokenizer can encode)."""
     try:

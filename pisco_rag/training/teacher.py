@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import SYSTEM_PROMPT
 from ..errors import PiscoInputError
+from ..prompting import left_pad
 from .data import validate_record
 
 logger = logging.getLogger(__name__)
@@ -185,13 +186,9 @@ class TextTeacher:
             ).input_ids
             for q, docs in zip(questions, documents, strict=True)
         ]
-        width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):  # left padding
-            input_ids[row, width - len(x) :] = torch.tensor(x)
-            mask[row, width - len(x) :] = 1
+        input_ids, mask = left_pad(ids, pad)
+        width = input_ids.shape[1]
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
