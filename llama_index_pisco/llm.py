@@ -103,9 +103,7 @@ class PiscoLLM(CustomLLM):
         }
 
     def _escape_partials(self, prompt: BasePromptTemplate) -> BasePromptTemplate:
-        escaped = self._escape(prompt.kwargs)
-        changed = {k: v for k, v in escaped.items() if v is not prompt.kwargs[k]}
-        return prompt.partial_format(**changed) if changed else prompt
+        return prompt.partial_format(**self._escape(prompt.kwargs)) if prompt.kwargs else prompt
 
     @classmethod
     def class_name(cls) -> str:

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,19 +207,28 @@ class DenseRetriever:
     """Cosine-similarity retrieval over chunks: all-MiniLM-L6-v2 (or any sentence-transformers
     model) by default, or a PISCO model's own retriever (:meth:`from_pisco`)."""
 
-    def __init__(self, model_name_or_path: str | None = None, device: str | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        device: str | None = None,
+        *,
+        encode: Callable[[list[str], bool, bool], torch.Tensor] | None = None,
+    ) -> None:
+        """``encode(texts, is_query, show_progress)`` gives unit vectors; by default a
+        sentence-transformers model (all-MiniLM-L6-v2 unless ``model_name_or_path``)."""
+        if encode is None:
+            from sentence_transformers import SentenceTransformer
 
-        with quiet_loading():
-            encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
+            with quiet_loading():
+                encoder = SentenceTransformer(model_name_or_path or minilm_path(), device=device)
 
-        def encode(texts: list[str], query: bool, show_progress: bool = False) -> torch.Tensor:
-            return encoder.encode(
-                texts,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=show_progress,
-            ).cpu()
+            def encode(texts: list[str], query: bool, show_progress: bool = False):
+                return encoder.encode(
+                    texts,
+                    convert_to_tensor=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=show_progress,
+                ).cpu()
 
         self._encode = encode
         self.chunks: list[Chunk] = []
@@ -228,16 +237,12 @@ class DenseRetriever:
     @classmethod
     def from_pisco(cls, model: Any) -> DenseRetriever:
         """Retrieval with ``model.embed_queries`` / ``embed_documents``: one backbone for all."""
-        retriever = cls.__new__(cls)
 
         def encode(texts: list[str], query: bool, show_progress: bool = False) -> torch.Tensor:
             embed = model.embed_queries if query else model.embed_documents
             return embed(texts, show_progress=show_progress)
 
-        retriever._encode = encode
-        retriever.chunks = []
-        retriever._matrix = None
-        return retriever
+        return cls(encode=encode)
 
     def add(self, chunks: Sequence[Chunk], show_progress: bool = False) -> None:
         vectors = self._encode([c.text for c in chunks], False, show_progress)
