@@ -15,11 +15,13 @@ resident memory of a separate process per mode (so modes do not share a high-wat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from _common import RESULTS, environment, load_model, write
 from torch.utils.flop_counter import FlopCounterMode
 
 MODES = ("text", "pisco", "oscar")
+LLAMA_CPP = "llama.cpp-text"  # the anchor: text RAG in llama.cpp on the GGUF the backbone came from
 SENTENCE = (
     "The harbour of {name} was rebuilt in {year} after the storm, and its lighthouse now guides "
     "ships past the northern sandbanks towards the old customs house. "
@@ -93,7 +96,12 @@ def run_mode(args: argparse.Namespace) -> dict:
             for k in args.scaling_ks
         }
         flops, prompt_tokens = prefill_flops(model, mode, args.k, question)
+    extra = {}
+    if mode == "text":  # the llama.cpp anchor reads exactly this prompt
+        (prompt,) = model._pisco_prompts([question], [documents(model, args.k)])
+        extra["prompt_ids"] = prompt.input_ids
     return {
+        **extra,
         "mode": mode,
         "latency_ms_batch1": 1000 * latency,
         "profile_batch1": {  # where the latency goes
@@ -105,6 +113,43 @@ def run_mode(args: argparse.Namespace) -> dict:
         "prompt_tokens": prompt_tokens,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "scaling_ms_per_query": {k: 1000 * v for k, v in scaling.items()},
+    }
+
+
+def run_llama_cpp(args: argparse.Namespace) -> dict:
+    """Text RAG in llama.cpp (llama-cpp-python) on the GGUF file of the embedded backbone: the
+    text mode's prompt token ids, greedy, ``--new-tokens`` tokens (eos ignored, as
+    ``min_new_tokens`` does for the other modes), a fresh KV cache for every run."""
+    from llama_cpp import Llama
+
+    from pisco_rag.defaults import DEFAULT_BACKBONE, embedded_gguf_path
+
+    prompt_ids = json.loads(args.prompt_ids.read_text())
+    gguf = embedded_gguf_path(DEFAULT_BACKBONE.removeprefix("embedded:"))
+    threads = torch.get_num_threads()
+    llm = Llama(str(gguf), n_ctx=2048, n_batch=512, n_threads=threads, verbose=False)
+
+    def timed(new_tokens: int) -> float:
+        llm.reset()  # no prefix reuse between runs: every run reads the whole prompt
+        t = time.perf_counter()
+        for n, _ in enumerate(llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True), 1):
+            if n == new_tokens:
+                break
+        return time.perf_counter() - t
+
+    timed(args.new_tokens)  # warm-up
+    latency = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
+    first_token = statistics.median(timed(1) for _ in range(args.repeats))
+    return {
+        "mode": LLAMA_CPP,
+        "weights": f"{gguf.name} (as shipped), {threads} threads",
+        "latency_ms_batch1": 1000 * latency,
+        "profile_batch1": {
+            "to_first_token_ms": 1000 * first_token,
+            "decode_ms_per_token": 1000 * (latency - first_token) / max(args.new_tokens - 1, 1),
+        },
+        "prompt_tokens": len(prompt_ids),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -134,21 +179,37 @@ def main() -> None:
     parser.add_argument("--scaling-ks", type=int, nargs="*", default=[1, 5, 10, 20, 50])
     parser.add_argument("--device", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child process
+    parser.add_argument(
+        "--llama-cpp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add text RAG in llama.cpp as the anchor (default: when llama-cpp-python is "
+        "installed: pip install 'pisco-rag[bench]')",
+    )
+    parser.add_argument("--mode", choices=[*MODES, LLAMA_CPP], help=argparse.SUPPRESS)  # child
+    parser.add_argument("--prompt-ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args)))
+        print(json.dumps(run_llama_cpp(args) if args.mode == LLAMA_CPP else run_mode(args)))
         return
+    if args.llama_cpp is None:
+        args.llama_cpp = not args.tiny and importlib.util.find_spec("llama_cpp") is not None
 
     rows = {}
-    for mode in MODES:
+    for mode in [*MODES, *([LLAMA_CPP] if args.llama_cpp else [])]:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        child = subprocess.run(cmd, capture_output=True, text=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as ids:
+            if mode == LLAMA_CPP:
+                json.dump(rows["text"].pop("prompt_ids"), ids)
+                ids.flush()
+                cmd += ["--prompt-ids", ids.name]
+            child = subprocess.run(cmd, capture_output=True, text=True)
         if child.returncode != 0:
             sys.exit(f"the {mode} run failed:\n{child.stderr[-3000:]}")
         rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{mode:6s} {rows[mode]}")
+    rows["text"].pop("prompt_ids", None)
     text = rows["text"]
     key = f"throughput_qps_batch{args.batch}"
     result = {
@@ -170,6 +231,21 @@ def main() -> None:
             }
             for m in ("pisco", "oscar")
         },
+        **(
+            {
+                "speedup_vs_llama_cpp_text": {
+                    m: {
+                        "latency_batch1": rows[LLAMA_CPP]["latency_ms_batch1"]
+                        / rows[m]["latency_ms_batch1"],
+                        "to_first_token": rows[LLAMA_CPP]["profile_batch1"]["to_first_token_ms"]
+                        / rows[m]["profile_batch1"]["to_first_token_ms"],
+                    }
+                    for m in MODES
+                }
+            }
+            if LLAMA_CPP in rows
+            else {}
+        ),
         "environment": environment(),
     }
     write(result, args.out)
@@ -185,15 +261,26 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (latency, left, right) = plt.subplots(1, 3, figsize=(15, 4))
     modes = result["modes"]
+    names = list(modes)
+    first = [modes[m]["profile_batch1"]["to_first_token_ms"] for m in names]
+    rest = [modes[m]["latency_ms_batch1"] - f for m, f in zip(names, first)]
+    latency.bar(names, first, color="tab:orange", label="to first token")
+    latency.bar(names, rest, bottom=first, color="tab:purple", label="decoding")
+    latency.set_ylabel("ms per query (batch 1)")
+    latency.set_title(
+        f"latency, k={result['protocol']['k']}, {result['protocol']['new_tokens']} tokens"
+    )
+    latency.legend()
+    ours = [m for m in names if m in MODES]
     key = next(k for k in modes["text"] if k.startswith("throughput"))
-    left.bar(list(modes), [modes[m][key] for m in modes], color=["grey", "tab:blue", "tab:green"])
+    left.bar(ours, [modes[m][key] for m in ours], color=["grey", "tab:blue", "tab:green"])
     left.set_ylabel("queries / s")
     left.set_title(
         f"throughput, {key.removeprefix('throughput_qps_')}, k={result['protocol']['k']}"
     )
-    for m, style in zip(modes, ("o-", "s-", "^-")):
+    for m, style in zip(ours, ("o-", "s-", "^-")):
         ks = [int(k) for k in modes[m]["scaling_ms_per_query"]]
         right.plot(ks, list(modes[m]["scaling_ms_per_query"].values()), style, label=m)
     right.set_xlabel("documents per query (k)")

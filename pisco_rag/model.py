@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -76,6 +76,9 @@ from .prompting import (
 )
 from .stores import LRUMemoryStore, MemoryStore
 from .verbosity import quiet_loading
+
+if TYPE_CHECKING:
+    from .llamacpp_decoder import LlamaCppDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class PiscoModel:
         self.mem_token_ids = tokenizer.convert_tokens_to_ids(config.special_tokens[: self.n_mem])
         self.renderer = PromptRenderer(tokenizer, self.n_mem)
         self.extra_embedding_rows: list[int] = []  # base-vocab rows a checkpoint changed
+        self._llamacpp: LlamaCppDecoder | None = None  # set_decoding_backend("llama.cpp")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -913,6 +917,13 @@ class PiscoModel:
             return []
         args = self._generation_args(max_new_tokens, stop, kwargs)
         self._check_prompt_lengths(prompts, max_new_tokens)
+        if self._llamacpp is not None and adapter == "decoder":
+            with self._lock:
+                rows = [list(self._llamacpp_ids(p, args)) for p in prompts]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id
+            out = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            return self._completions(prompts, out, max_new_tokens, stop)
         with self._lock:
             self._activate_decoder(adapter)
             try:
@@ -922,6 +933,60 @@ class PiscoModel:
                 if adapter == "none":
                     use_adapter(self.model, DECODER)
         return self._completions(prompts, out, max_new_tokens, stop)
+
+    # ------------------------------------------------------------------ llama.cpp decoding
+    def set_decoding_backend(
+        self, backend: Literal["torch", "llama.cpp"] = "torch", *, weights: str = "f32"
+    ) -> None:
+        """Answer with the decoder in llama.cpp (``"llama.cpp"``: greedy only, much faster at
+        batch 1 on CPUs; needs ``pisco-rag[llama-cpp]``) or in torch (``"torch"``, default).
+        ``weights``: ``"f32"`` (the torch path's answers), ``"f16"``, ``"q8_0"`` or ``"q4_1"``
+        (faster, may differ). Compression, reranking and text mode without the adapter stay in
+        torch. The decoder is written once as a GGUF file under the cache directory."""
+        if backend not in ("torch", "llama.cpp"):
+            raise PiscoInputError(f"backend must be 'torch' or 'llama.cpp', got {backend!r}")
+        with self._lock:
+            if self._llamacpp is not None:
+                self._llamacpp.close()
+                self._llamacpp = None
+            if backend == "llama.cpp":
+                from .llamacpp_decoder import LlamaCppDecoder
+
+                self._llamacpp = LlamaCppDecoder(self, weights)
+
+    @property
+    def decoding_backend(self) -> str:
+        """``"torch"`` or ``"llama.cpp"`` (see :meth:`set_decoding_backend`)."""
+        return "torch" if self._llamacpp is None else "llama.cpp"
+
+    def _llamacpp_ids(self, prompt: RenderedPrompt, args: dict[str, Any], cancel=None):
+        """Greedy ids for one prompt from llama.cpp (the caller holds the model lock)."""
+        unsupported = sorted(set(args) - _LLAMACPP_ARGS)
+        if args.get("do_sample") or unsupported:
+            raise PiscoInputError(
+                "the llama.cpp decoder decodes greedily with max_new_tokens, min_new_tokens "
+                f"and stop only (got {unsupported or 'do_sample=True'}); call "
+                "set_decoding_backend('torch') for other generation settings"
+            )
+        if self._llamacpp.fingerprint != self.fingerprint:  # weights changed: write them again
+            weights = self._llamacpp.weights
+            self.set_decoding_backend("llama.cpp", weights=weights)
+        stop = args.get("stop_strings")
+
+        def should_stop(ids: list[int]) -> bool:
+            if cancel is not None and cancel.is_set():
+                return True
+            return bool(stop) and any(s in self.tokenizer.decode(ids) for s in stop)
+
+        embeds, _ = self._embed([prompt])
+        eos = {self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)}
+        return self._llamacpp.stream_ids(
+            embeds[0],
+            args["max_new_tokens"],
+            eos_ids=sorted(t for t in eos if t is not None),
+            min_new_tokens=args.get("min_new_tokens") or 0,
+            should_stop=should_stop,
+        )
 
     @property
     def context_window(self) -> int | None:
@@ -962,6 +1027,7 @@ class PiscoModel:
         self._check_prompt_lengths([prompt], max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
+        llama_args = dict(args)  # llama.cpp checks the cancel event itself
         args["stopping_criteria"] = StoppingCriteriaList(
             [*args.get("stopping_criteria", []), _Cancelled(cancel)]
         )
@@ -971,6 +1037,15 @@ class PiscoModel:
             _LIVE_GENERATIONS[threading.current_thread()] = cancel
             try:
                 with torch.no_grad(), self._lock:
+                    if self._llamacpp is not None and adapter == "decoder":
+                        ids = []
+                        streamer.put(torch.empty(1, 0, dtype=torch.long))  # the (empty) prompt
+                        for token in self._llamacpp_ids(prompt, llama_args, cancel):
+                            ids.append(token)
+                            streamer.put(torch.tensor([token]))
+                        streamer.end()
+                        outcome["ids"] = torch.tensor([ids])
+                        return
                     self._activate_decoder(adapter)
                     try:
                         embeds, mask = self._embed([prompt])
@@ -1243,6 +1318,16 @@ def _check_documents(documents: object, name: str) -> list[str]:
             )
         check_encodable(d, f"{name}[{i}]")
     return docs
+
+
+_LLAMACPP_ARGS = {
+    "do_sample",
+    "max_new_tokens",
+    "min_new_tokens",
+    "pad_token_id",
+    "stop_strings",
+    "tokenizer",
+}
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

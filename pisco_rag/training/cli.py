@@ -181,10 +181,14 @@ def _train_retriever(args: argparse.Namespace) -> int:
         max_steps=args.max_steps if args.max_steps > 0 else 200,
         seed=args.seed,
         logging_steps=args.logging_steps,
+        alignment_weight=args.alignment_weight,
+        invariance_weight=args.invariance_weight,
         show_progress=not args.quiet,
     )
     records = [dict(r) for r in _records(args.data, args.data_split)]
     model = _load_model(args, for_training=True)
+    if args.retriever_pooling:
+        model.config.retriever_pooling = args.retriever_pooling
     result = train_retriever(model, records, config)
     print(f"retriever trained for {config.max_steps} steps; model saved to {result['final']}")
     return 0
@@ -367,6 +371,24 @@ def add_train_commands(subparsers: Any) -> None:
     tr.add_argument("--warmup-ratio", type=float, default=0.05)
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--rerank-weight", type=float, default=0.05)
+    tr.add_argument(
+        "--alignment-weight",
+        type=float,
+        default=1.0,
+        help="retriever stage: weight of the KL alignment to MiniLM's similarities",
+    )
+    tr.add_argument(
+        "--invariance-weight",
+        type=float,
+        default=1.0,
+        help="retriever stage: weight of the invariance term (0: none, the ablation)",
+    )
+    tr.add_argument(
+        "--retriever-pooling",
+        choices=("mean", "last"),
+        default=None,
+        help="retriever stage: pooling of a new retriever adapter (default: the model's)",
+    )
     tr.add_argument("--logging-steps", type=positive_int, default=10)
     tr.add_argument("--eval-steps", type=positive_int, default=None)
     tr.add_argument(

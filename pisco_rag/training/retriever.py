@@ -117,6 +117,8 @@ class RetrieverConfig:
     invariance_weight: float = 1.0
     seed: int = 0
     logging_steps: int = 10
+    max_passage_tokens: int = 128  # passages are cropped to this for training (memory, speed)
+    max_candidates: int = 3  # per question: the gold passage and the top retrieved negatives
     show_progress: bool = True
 
 
@@ -135,8 +137,8 @@ def _check_records(records: Sequence[dict[str, Any]]) -> None:
             )
 
 
-def _embed_grad(model, texts: list[str], prefix: str) -> torch.Tensor:
-    ids, mask = encode_for_retrieval(model, texts, prefix)
+def _embed_grad(model, texts: list[str], prefix: str, crop: int | None = None) -> torch.Tensor:
+    ids, mask = encode_for_retrieval(model, texts, prefix, crop)
     hidden = retrieval_hidden(model, ids, mask)
     return pool(hidden, mask.to(hidden.device), model.config.retriever_pooling)
 
@@ -146,19 +148,24 @@ def retriever_step_loss(
 ) -> dict[str, torch.Tensor]:
     """The three terms on one batch (the caller holds the model lock)."""
     prefix = model.config.retriever_query_prefix
-    n = min(len(r["documents"]) for r in batch)  # same candidate count across the batch
+    # the same candidate count across the batch
+    n = min(config.max_candidates, *(len(r["documents"]) for r in batch))
     questions = [r["question"] for r in batch]
     query = _embed_grad(model, questions, prefix)
     perturbed = _embed_grad(model, [perturb(q, rng) for q in questions], prefix)
     passages, gold, teacher = [], [], []
     for i, r in enumerate(batch):
-        order = [r["gold_index"], *(j for j in range(len(r["documents"])) if j != r["gold_index"])]
-        order = order[:n]  # the gold passage first, then the others
+        scores = r["retrieval_scores"]
+        others = sorted(
+            (j for j in range(len(r["documents"])) if j != r["gold_index"]),
+            key=lambda j: -scores[j],
+        )
+        order = [r["gold_index"], *others][:n]  # the gold passage, then the hardest negatives
         passages += [r["documents"][j] for j in order]
         gold.append(i * n)
         teacher.append([float(r["retrieval_scores"][j]) for j in order])
     device = query.device
-    cands = _embed_grad(model, passages, "").reshape(len(batch), n, -1)
+    cands = _embed_grad(model, passages, "", config.max_passage_tokens).reshape(len(batch), n, -1)
     keep = torch.ones(len(batch), n, dtype=torch.bool, device=device)
     if n > 2:  # fewer candidates for the perturbed query: the ranking must not depend on it
         keep[:, rng.randrange(2, n) :] = False
