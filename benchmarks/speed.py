@@ -30,7 +30,10 @@ from _common import RESULTS, environment, load_model, write
 from torch.utils.flop_counter import FlopCounterMode
 
 MODES = ("text", "pisco", "oscar")
-LLAMA_CPP = "llama.cpp-text"  # the anchor: text RAG in llama.cpp on the GGUF the backbone came from
+# with llama-cpp-python: PISCO and OSCAR decoding in llama.cpp (set_decoding_backend), and the
+# anchor: text RAG in llama.cpp on the GGUF file the backbone came from
+LLAMACPP_DECODING = ("pisco-llamacpp", "oscar-llamacpp")
+LLAMA_CPP = "llama.cpp-text"
 SENTENCE = (
     "The harbour of {name} was rebuilt in {year} after the storm, and its lighthouse now guides "
     "ships past the northern sandbanks towards the old customs house. "
@@ -48,13 +51,15 @@ def documents(model, k: int, offset: int = 0) -> list[str]:
 
 def run_mode(args: argparse.Namespace) -> dict:
     """Measure one mode in this process; printed as JSON for the parent."""
-    mode = args.mode
+    mode, _, backend = args.mode.partition("-")
     if mode == "oscar":
         model = load_model(
             args.tiny, args.device, compressor=f"first-layers:{args.layers}", rerank_head=True
         )
     else:
         model = load_model(args.tiny, args.device)
+    if backend:  # written to GGUF (cached) and loaded before any timing
+        model.set_decoding_backend("llama.cpp", weights=args.llamacpp_weights)
     question = "Which harbour was rebuilt after the storm?"
 
     def answer(batch: int, k: int, new_tokens: int = args.new_tokens) -> None:
@@ -100,9 +105,11 @@ def run_mode(args: argparse.Namespace) -> dict:
     if mode == "text":  # the llama.cpp anchor reads exactly this prompt
         (prompt,) = model._pisco_prompts([question], [documents(model, args.k)])
         extra["prompt_ids"] = prompt.input_ids
+    if backend:
+        extra["weights"] = f"{args.llamacpp_weights} (decoder merged into a GGUF file)"
     return {
         **extra,
-        "mode": mode,
+        "mode": args.mode,
         "latency_ms_batch1": 1000 * latency,
         "profile_batch1": {  # where the latency goes
             "to_first_token_ms": 1000 * first_token,  # compression (OSCAR) + prefill
@@ -186,7 +193,15 @@ def main() -> None:
         help="add text RAG in llama.cpp as the anchor (default: when llama-cpp-python is "
         "installed: pip install 'pisco-rag[bench]')",
     )
-    parser.add_argument("--mode", choices=[*MODES, LLAMA_CPP], help=argparse.SUPPRESS)  # child
+    parser.add_argument(
+        "--llamacpp-weights",
+        default="f32",
+        choices=("f32", "f16", "q8_0", "q4_1"),
+        help="weights of the llama.cpp decoding modes (f32: the torch answers)",
+    )
+    parser.add_argument(
+        "--mode", choices=[*MODES, *LLAMACPP_DECODING, LLAMA_CPP], help=argparse.SUPPRESS
+    )  # child process
     parser.add_argument("--prompt-ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
@@ -197,7 +212,7 @@ def main() -> None:
         args.llama_cpp = not args.tiny and importlib.util.find_spec("llama_cpp") is not None
 
     rows = {}
-    for mode in [*MODES, *([LLAMA_CPP] if args.llama_cpp else [])]:
+    for mode in [*MODES, *([*LLAMACPP_DECODING, LLAMA_CPP] if args.llama_cpp else [])]:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
         with tempfile.NamedTemporaryFile("w", suffix=".json") as ids:
             if mode == LLAMA_CPP:
@@ -208,7 +223,7 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"the {mode} run failed:\n{child.stderr[-3000:]}")
         rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{mode:6s} {rows[mode]}")
+        print(f"{mode:6s}", {k: v for k, v in rows[mode].items() if k != "prompt_ids"})
     rows["text"].pop("prompt_ids", None)
     text = rows["text"]
     key = f"throughput_qps_batch{args.batch}"
@@ -229,7 +244,8 @@ def main() -> None:
                 f"throughput_batch{args.batch}": rows[m][key] / text[key],
                 "prefill_flops": text["prefill_gflops"] / rows[m]["prefill_gflops"],
             }
-            for m in ("pisco", "oscar")
+            for m in rows
+            if m not in ("text", LLAMA_CPP)
         },
         **(
             {
@@ -240,7 +256,8 @@ def main() -> None:
                         "to_first_token": rows[LLAMA_CPP]["profile_batch1"]["to_first_token_ms"]
                         / rows[m]["profile_batch1"]["to_first_token_ms"],
                     }
-                    for m in MODES
+                    for m in rows
+                    if m != LLAMA_CPP
                 }
             }
             if LLAMA_CPP in rows
@@ -273,14 +290,14 @@ def plot(result: dict, path: Path) -> None:
         f"latency, k={result['protocol']['k']}, {result['protocol']['new_tokens']} tokens"
     )
     latency.legend()
-    ours = [m for m in names if m in MODES]
+    ours = [m for m in names if m != LLAMA_CPP]
     key = next(k for k in modes["text"] if k.startswith("throughput"))
-    left.bar(ours, [modes[m][key] for m in ours], color=["grey", "tab:blue", "tab:green"])
+    left.bar(ours, [modes[m][key] for m in ours], color=[f"C{i}" for i in range(len(ours))])
     left.set_ylabel("queries / s")
     left.set_title(
         f"throughput, {key.removeprefix('throughput_qps_')}, k={result['protocol']['k']}"
     )
-    for m, style in zip(ours, ("o-", "s-", "^-")):
+    for m, style in zip(ours, ("o-", "s-", "^-", "s--", "^--")):
         ks = [int(k) for k in modes[m]["scaling_ms_per_query"]]
         right.plot(ks, list(modes[m]["scaling_ms_per_query"].values()), style, label=m)
     right.set_xlabel("documents per query (k)")
