@@ -63,7 +63,12 @@ def evaluate(search, questions: list[str], gold: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval", required=True, help="evaluation records (pisco-rag build-data)")
-    parser.add_argument("--model", default="embedded", help="PISCO checkpoint (or 'embedded')")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["embedded"],
+        help="PISCO checkpoints (or 'embedded'), each as DIR or LABEL=DIR; side by side",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--poolings", nargs="+", choices=("mean", "last"), default=["mean", "last"])
@@ -110,29 +115,35 @@ def main() -> None:
         gold,
     )
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if args.tiny:
-            backbone, tok = tiny_backbone()
-            model = PiscoModel.from_backbone(backbone, tok)
-        else:
-            model = PiscoModel.from_pretrained(args.model, dtype=torch.float32)
-    label = "pisco_retriever" if model.config.retriever else "pisco_backbone_untrained"
-    for pooling in args.poolings:
-        model.config.retriever_pooling = pooling
-        docs = model.embed_documents(corpus, batch_size=args.batch_size)
-        results[f"{label}_{pooling}"] = evaluate(
-            lambda qs, k, docs=docs: dense_search(
-                lambda x: model.embed_queries(x, batch_size=args.batch_size), docs, qs, k
-            ),
-            questions,
-            gold,
-        )
+    names = []
+    for spec in args.model:
+        label, _, path = spec.rpartition("=")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if args.tiny:
+                backbone, tok = tiny_backbone()
+                model = PiscoModel.from_backbone(backbone, tok)
+            else:
+                model = PiscoModel.from_pretrained(path, dtype=torch.float32)
+        names.append(model.config.name or path)
+        trained = model.config.retriever
+        label = label or ("pisco_retriever" if trained else "pisco_backbone_untrained")
+        # a trained retriever is read with the pooling it was trained with
+        for pooling in [model.config.retriever_pooling] if trained else args.poolings:
+            model.config.retriever_pooling = pooling
+            docs = model.embed_documents(corpus, batch_size=args.batch_size)
+            results[f"{label}_{pooling}"] = evaluate(
+                lambda qs, k, docs=docs, model=model: dense_search(
+                    lambda x: model.embed_queries(x, batch_size=args.batch_size), docs, qs, k
+                ),
+                questions,
+                gold,
+            )
     write(
         {
             "questions": len(questions),
             "corpus_passages": len(corpus),
-            "model": model.config.name or args.model,
+            "models": names,
             "retrievers": results,
             "environment": environment(),
         },
@@ -140,6 +151,39 @@ def main() -> None:
     )
     for name, r in results.items():
         print(name, r["metrics"], "top-10 overlap", r["top10_jaccard_under_perturbation"])
+    plot(results, Path(args.out).with_suffix(".png"), len(questions), len(corpus))
+
+
+def plot(results: dict, path: Path, n_questions: int, n_passages: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    names = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.2
+    for i, metric in enumerate(("recall@1", "recall@5", "recall@20", "ndcg@10")):
+        left.bar(
+            [x + i * width for x in range(len(names))],
+            [results[n]["metrics"][metric] for n in names],
+            width,
+            label=metric,
+        )
+    left.set_xticks([x + 1.5 * width for x in range(len(names))], names, rotation=20, ha="right")
+    left.set_ylim(0, 1)
+    left.legend()
+    left.set_title(f"retrieval, {n_questions} questions, {n_passages} passages")
+    right.bar(names, [results[n]["top10_jaccard_under_perturbation"] for n in names])
+    right.set_ylim(0, 1)
+    right.set_title("top-10 overlap under meaning-keeping perturbations")
+    right.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -26,21 +26,30 @@ def main() -> None:
             f"`{speed['environment']['command']}`):\n"
         )
         print(
-            f"| mode | latency, batch 1 | throughput, batch {p['batch']} | prefill GFLOPs "
-            "| prompt tokens | peak RSS |"
+            f"| mode | latency, batch 1 | to first token | decode per token | throughput, "
+            f"batch {p['batch']} | prefill GFLOPs | prompt tokens | peak RSS |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for mode, row in speed["modes"].items():
+            prof = row["profile_batch1"]
             print(
-                f"| {mode} | {row['latency_ms_batch1']:.0f} ms | {row[key]:.2f} q/s | "
-                f"{row['prefill_gflops']:.1f} | {row['prompt_tokens']} | "
-                f"{row['peak_rss_mib']:.0f} MiB |"
+                f"| {mode} | {row['latency_ms_batch1']:.0f} ms | "
+                f"{prof['to_first_token_ms']:.0f} ms | {prof['decode_ms_per_token']:.1f} ms | "
+                + (f"{row[key]:.2f} q/s | " if key in row else "n/a | ")
+                + (f"{row['prefill_gflops']:.1f} | " if "prefill_gflops" in row else "n/a | ")
+                + f"{row['prompt_tokens']} | {row['peak_rss_mib']:.0f} MiB |"
             )
         ratio_key = f"throughput_batch{p['batch']}"
         for mode, s in speed["speedup_vs_text"].items():
             print(
                 f"\n{mode} vs text: latency x{s['latency_batch1']:.2f}, throughput "
                 f"x{s[ratio_key]:.2f}, prefill FLOPs x{s['prefill_flops']:.1f} fewer",
+                end="",
+            )
+        for mode, s in speed.get("speedup_vs_llama_cpp_text", {}).items():
+            print(
+                f"\n{mode} vs llama.cpp text RAG: latency x{s['latency_batch1']:.2f}, time to "
+                f"first token x{s['to_first_token']:.2f}",
                 end="",
             )
         print("\n")
@@ -50,8 +59,30 @@ def main() -> None:
         print("| mode | " + " | ".join(f"k={k}" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
         for mode, row in modes.items():
+            if "scaling_ms_per_query" not in row:
+                continue
             cells = " | ".join(f"{row['scaling_ms_per_query'][k]:.0f}" for k in ks)
             print(f"| {mode} | {cells} |")
+        print()
+    decode = load("decode_techniques")
+    if decode:
+        p = decode["protocol"]
+        print(
+            f"Decoding at batch 1 ({p['model']}, {p['prompt_tokens']}-token PISCO prompt, "
+            f"{p['new_tokens']} greedy tokens; `{decode['environment']['command']}`):\n"
+        )
+        print("| technique | decode per token | speed-up | to first token | same greedy tokens |")
+        print("|---|---|---|---|---|")
+        for name, row in decode["techniques"].items():
+            same = (
+                "yes"
+                if row["greedy_tokens_as_reference"]
+                else f"no (from token {row['first_different_token']})"
+            )
+            print(
+                f"| {name} | {row['decode_ms_per_token']:.1f} ms | "
+                f"x{row['speedup_vs_default']:.2f} | {row['to_first_token_ms']:.0f} ms | {same} |"
+            )
         print()
     splice = load("splice_overhead")
     if splice:

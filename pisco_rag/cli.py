@@ -67,6 +67,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             queries = [args.question] * len(texts) if model.config.is_oscar else None
             memories = model.compress(texts, queries=queries, show_progress=len(texts) > 16)
             mode = f"{len(texts)} compressed chunks"
+        if args.decoder != "torch":
+            model.set_decoding_backend("llama.cpp", weights=args.decoder.partition(":")[2] or "f32")
         answer = model.generate([args.question], [memories], max_new_tokens=args.max_new_tokens)[0]
     print(f"Answer ({mode}): {answer}\n\nSources:")
     for rank, (chunk, score) in enumerate(hits, 1):
@@ -190,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunks retrieved before reranking, for models with a reranking head (default 20)",
     )
     ask.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ask.add_argument(
+        "--decoder",
+        choices=("torch", "llama.cpp", "llama.cpp:f16", "llama.cpp:q8_0", "llama.cpp:q4_1"),
+        default="torch",
+        help="who decodes the answer from memories: torch (default) or llama.cpp (much faster "
+        "on CPUs; f32 weights give the torch answers; needs pisco-rag[llama-cpp])",
+    )
     ask.add_argument("--store", default=None, help="SQLite memory store to read and fill")
     ask.add_argument(
         "--text",
