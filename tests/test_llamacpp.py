@@ -120,5 +120,5 @@ def test_llamacpp_unsupported_backbone_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PISCO_RAG_CACHE", str(tmp_path))
     with pytest.raises(PiscoInputError, match="plain Llama"):
         tiny_pisco("qwen2").set_decoding_backend("llama.cpp")
-    with pytest.raises(PiscoInputError, match="'torch' or 'llama.cpp'"):
+    with pytest.raises(PiscoInputError, match=r"'torch' or 'llama\.cpp'"):
         tiny_pisco("llama").set_decoding_backend("vllm")
