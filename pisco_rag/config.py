@@ -47,6 +47,10 @@ class PiscoConfig:
     retriever: bool = False  # a third LoRA adapter that embeds queries and passages
     retriever_pooling: Literal["mean", "last"] = "mean"
     retriever_query_prefix: str = RETRIEVER_QUERY_PREFIX
+    # memory standardisation (PiscoModel.calibrate_memories): the decoder reads
+    # (memory - memory_shift) * memory_gain, per hidden dimension; None: raw memories
+    memory_shift: list[float] | None = None
+    memory_gain: list[float] | None = None
     trained: bool = False
     name: str | None = None
     system_prompt: str = SYSTEM_PROMPT
@@ -78,6 +82,10 @@ class PiscoConfig:
             raise ValueError(
                 f"retriever_pooling must be 'mean' or 'last', got {self.retriever_pooling!r}"
             )
+        if (self.memory_shift is None) != (self.memory_gain is None) or (
+            self.memory_shift is not None and len(self.memory_shift) != len(self.memory_gain)
+        ):
+            raise ValueError("memory_shift and memory_gain go together, one value per dimension")
         if self.long_documents not in LONG_DOCUMENT_POLICIES:
             raise ValueError(
                 f"long_documents must be one of {LONG_DOCUMENT_POLICIES}, "

@@ -621,7 +621,8 @@ class PiscoModel:
             ids, mask = self.compressor.encode_inputs(texts, queries)
             with self._lock:
                 memories, scores = self.compressor(ids.to(self.device), mask.to(self.device))
-            return memories.detach(), None if scores is None else scores.detach().float().cpu()
+            memories = self.standardise_memories(memories).detach()
+            return memories, None if scores is None else scores.detach().float().cpu()
         input_ids, mask = pisco_encoder_inputs(
             self.tokenizer,
             texts,
@@ -633,7 +634,62 @@ class PiscoModel:
         with self._lock:
             use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
-        return hidden[:, -self.n_mem :, :].detach(), None
+        return self.standardise_memories(hidden[:, -self.n_mem :, :]).detach(), None
+
+    def standardise_memories(self, memories: torch.Tensor) -> torch.Tensor:
+        """The compressor's raw output as the decoder reads it: ``(m - memory_shift) *
+        memory_gain`` when the model was calibrated (:meth:`calibrate_memories`), else as is."""
+        if self.config.memory_shift is None:
+            return memories
+        cached = getattr(self, "_memory_affine", None)
+        if cached is None or cached[0].device != memories.device:
+            shift = torch.tensor(self.config.memory_shift, device=memories.device)
+            gain = torch.tensor(self.config.memory_gain, device=memories.device)
+            cached = self._memory_affine = (shift, gain)
+        shift, gain = cached
+        return ((memories.float() - shift) * gain).to(memories.dtype)
+
+    @torch.no_grad()
+    def calibrate_memories(self, texts: Sequence[str], queries: Sequence[str] | None = None):
+        """Standardise memories per hidden dimension, measured on ``texts`` (chunks, ideally a
+        few dozen of the training data): subtract the mean memory and divide by the standard
+        deviation, scaled so that a memory vector has the norm of the decoder's token
+        embeddings. Untrained compressors put almost all of a memory's norm in a direction
+        shared by every chunk, tens of times the embeddings' norm; standardised, what differs
+        between chunks is what the decoder sees. Changes the fingerprint (new memories)."""
+        texts = _check_documents(texts, "texts")
+        if queries is not None and len(queries) != len(texts):
+            raise PiscoInputError(f"queries: one per text ({len(texts)}), got {len(queries)}")
+        pairs = [
+            (c, q)
+            for i, t in enumerate(texts)
+            for c in self.chunk(t)
+            for q in [queries[i] if queries is not None else None]
+        ]
+        if len(pairs) < 2:
+            raise PiscoInputError("calibrate_memories needs at least 2 chunks of text")
+        self.config.memory_shift = self.config.memory_gain = None
+        self._memory_affine = None
+        raw = (
+            torch.cat(
+                [
+                    self._compress_batch(
+                        [c for c, _ in pairs[i : i + 16]],
+                        None if queries is None else [q for _, q in pairs[i : i + 16]],
+                    )[0]
+                    for i in range(0, len(pairs), 16)
+                ]
+            )
+            .float()
+            .reshape(-1, self.hidden_size)
+        )
+        mean, std = raw.mean(0), raw.std(0).clamp(min=1e-6)
+        table = self._input_embeddings.weight.float()
+        target = table[: min(table.shape[0], min(self._added_token_ids()))].norm(dim=-1).mean()
+        gain = target / ((raw - mean) / std).norm(dim=-1).mean() / std
+        self.config.memory_shift = mean.cpu().tolist()
+        self.config.memory_gain = gain.cpu().tolist()
+        self.refresh_fingerprint()
 
     # ------------------------------------------------------------------ generation
     def generate(

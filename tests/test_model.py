@@ -281,3 +281,74 @@ def test_chunks_count_special_token_strings_as_text(tiny_model):
         for c in chunks
     )
     assert len(tiny_model.compress([text])) == len(chunks)
+
+
+@pytest.mark.parametrize("kind", ["pisco", "oscar"])
+def test_calibrated_memories_are_standardised_and_survive_save_load(kind, tmp_path):
+    backbone, tok = tiny_backbone("llama")
+    backbone.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    oscar = {"compressor": "first-layers:1", "rerank_head": True} if kind == "oscar" else {}
+    model = PiscoModel.from_backbone(str(tmp_path / "backbone"), device="cpu", **oscar)
+    randomize_lora(model)
+    texts = [
+        f"Harbour {i} was rebuilt in {1800 + 7 * i} after storm number {i}." for i in range(24)
+    ]
+    queries = ["Which harbour was rebuilt?"] * len(texts) if kind == "oscar" else None
+    raw = model.compress_texts(texts[:4], queries and queries[:4])
+    before = model.fingerprint
+    model.calibrate_memories(texts, queries)
+    assert model.fingerprint != before  # new memories: memories of the raw model do not mix
+    got = model.compress_texts(texts, queries).reshape(-1, model.hidden_size)
+    # centred per dimension on the calibration texts, at the norm of the token embeddings
+    assert got.mean(0).abs().max() < 1e-3
+    table = model._input_embeddings.weight[: min(model._added_token_ids())]
+    target = float(table.norm(dim=-1).mean())
+    assert float(got.norm(dim=-1).mean()) == pytest.approx(target, rel=1e-3)
+    assert not torch.allclose(model.compress_texts(texts[:4], queries and queries[:4]), raw)
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = PiscoModel.from_pretrained(tmp_path / "m", device="cpu")
+    assert loaded.fingerprint == model.fingerprint
+    torch.testing.assert_close(
+        loaded.compress_texts(texts[:4], queries and queries[:4]),
+        model.compress_texts(texts[:4], queries and queries[:4]),
+    )
+
+
+def test_training_reads_calibrated_memories(tmp_path):
+    """The trainer's differentiable compression gives the memories inference gives."""
+    from pisco_rag.training.trainer import DistillationCollator, StudentModule, train
+
+    model = tiny_pisco("llama")
+    records = [
+        {
+            "question": f"When was harbour {i} rebuilt?",
+            "documents": [f"Harbour {i} was rebuilt in {1800 + i}."],
+            "answer": str(1800 + i),
+        }
+        for i in range(6)
+    ]
+    train(
+        model,
+        records,
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        batch_size=2,
+        calibrate_memories=True,
+        show_progress=False,
+    )
+    assert model.config.memory_shift is not None
+    batch = DistillationCollator(model, "answer")(records[:2])
+    student = StudentModule(model).eval()
+    with torch.no_grad():
+        memories, _ = student.compress(batch["enc_input_ids"], batch["enc_attention_mask"])
+    expected = model.compress_texts([r["documents"][0] for r in records[:2]])
+    torch.testing.assert_close(memories, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_shift_without_gain_is_refused():
+    from pisco_rag.config import PiscoConfig
+
+    with pytest.raises(ValueError, match="memory_shift and memory_gain"):
+        PiscoConfig(backbone="x", memory_shift=[0.0, 1.0])

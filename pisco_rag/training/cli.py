@@ -155,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        calibrate_memories=args.calibrate_memories,
         show_progress=not args.quiet,
     )
     resume: str | bool | None = args.resume
@@ -406,6 +407,12 @@ def add_train_commands(subparsers: Any) -> None:
         help="bf16 autocast (default: on CUDA with bf16 support)",
     )
     tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument(
+        "--calibrate-memories",
+        action="store_true",
+        help="standardise memories per dimension before training, measured on the first "
+        "training documents (PiscoModel.calibrate_memories); for new models (--from-backbone)",
+    )
     tr.add_argument(
         "--resume",
         default=None,

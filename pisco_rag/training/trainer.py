@@ -81,6 +81,9 @@ class TrainConfig:
     seed: int = 0
     dataloader_num_workers: int = 0
     gradient_checkpointing: bool = False
+    # standardise memories before training (PiscoModel.calibrate_memories) on the first
+    # training documents, unless the model already is
+    calibrate_memories: bool = False
     show_progress: bool = True
     extra_args: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
@@ -211,13 +214,14 @@ class StudentModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memories ``[chunks, n_mem, hidden]``, rerank scores ``[chunks]`` or None)."""
         if self.compressor is not None:
-            return self.compressor(enc_input_ids, enc_attention_mask)
+            memories, scores = self.compressor(enc_input_ids, enc_attention_mask)
+            return self.pisco.standardise_memories(memories), scores
         use_adapter(self.backbone, ENCODER)
         self._keep_trainable()
         hidden = self.backbone.base_model(
             input_ids=enc_input_ids, attention_mask=enc_attention_mask
         )[0]
-        return hidden[:, -self.pisco.n_mem :, :], None
+        return self.pisco.standardise_memories(hidden[:, -self.pisco.n_mem :, :]), None
 
     def forward(
         self,
@@ -646,6 +650,12 @@ def train(
         ):
             eval_ds = eval_ds.remove_columns("teacher_scores")
 
+    if config.calibrate_memories and model.config.memory_shift is None:
+        sample = train_ds.select(range(min(len(train_ds), 32)))
+        texts = [d for r in sample for d in r["documents"]]
+        queries = [r["question"] or "" for r in sample for _ in r["documents"]]
+        model.calibrate_memories(texts, queries if model.config.is_oscar else None)
+        logger.info("memories standardised on %d training documents", len(texts))
     collator = DistillationCollator(model, target, config.max_answer_tokens)
     eval_collator = DistillationCollator(model, eval_target, config.max_answer_tokens)
     bf16 = _default_bf16() if config.bf16 is None else config.bf16
