@@ -197,9 +197,12 @@ class LlamaCppDecoder:
         model: PiscoModel,
         weights: str = "f32",
         *,
+        n_ctx: int | None = None,
         n_threads: int | None = None,
         directory: str | os.PathLike[str] | None = None,
     ) -> None:
+        if weights not in WEIGHT_TYPES:
+            raise PiscoInputError(f"weights must be one of {WEIGHT_TYPES}, got {weights!r}")
         llama_cpp = _require_llama_cpp()
         self._api = llama_cpp
         self.weights = weights
@@ -209,7 +212,7 @@ class LlamaCppDecoder:
         if not self.path.is_file():
             write_decoder_gguf(model, self.path, weights)
         kv = llama_cpp.GGML_TYPE_F32 if weights == "f32" else llama_cpp.GGML_TYPE_F16
-        self.context = int(model.context_window or 2048)
+        self.context = int(n_ctx or model.context_window or 2048)  # its KV cache is allocated
         self.llm = llama_cpp.Llama(
             str(self.path),
             n_ctx=self.context,
@@ -261,7 +264,7 @@ class LlamaCppDecoder:
         if len(embeds) + max_new_tokens > self.context:
             raise PiscoInputError(
                 f"a prompt of {len(embeds)} tokens and {max_new_tokens} new ones do not fit "
-                f"llama.cpp's context of {self.context}"
+                f"llama.cpp's context of {self.context}: set_decoding_backend(..., n_ctx=...)"
             )
         self.llm._ctx.kv_cache_clear()
         self._decode_embeddings(embeds.detach().float().cpu().numpy())

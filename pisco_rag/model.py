@@ -992,13 +992,19 @@ class PiscoModel:
 
     # ------------------------------------------------------------------ llama.cpp decoding
     def set_decoding_backend(
-        self, backend: Literal["torch", "llama.cpp"] = "torch", *, weights: str = "f32"
+        self,
+        backend: Literal["torch", "llama.cpp"] = "torch",
+        *,
+        weights: str = "f32",
+        n_ctx: int | None = None,
     ) -> None:
         """Answer with the decoder in llama.cpp (``"llama.cpp"``: greedy only, much faster at
         batch 1 on CPUs; needs ``pisco-rag[llama-cpp]``) or in torch (``"torch"``, default).
         ``weights``: ``"f32"`` (the torch path's answers), ``"f16"``, ``"q8_0"`` or ``"q4_1"``
         (faster, may differ). Compression, reranking and text mode without the adapter stay in
-        torch. The decoder is written once as a GGUF file under the cache directory."""
+        torch. The decoder is written once as a GGUF file under the cache directory.
+        ``n_ctx``: llama.cpp's context (default: the backbone's; its KV cache is allocated up
+        front, so a smaller one saves memory)."""
         if backend not in ("torch", "llama.cpp"):
             raise PiscoInputError(f"backend must be 'torch' or 'llama.cpp', got {backend!r}")
         with self._lock:
@@ -1008,7 +1014,7 @@ class PiscoModel:
             if backend == "llama.cpp":
                 from .llamacpp_decoder import LlamaCppDecoder
 
-                self._llamacpp = LlamaCppDecoder(self, weights)
+                self._llamacpp = LlamaCppDecoder(self, weights, n_ctx=n_ctx)
 
     @property
     def decoding_backend(self) -> str:
@@ -1025,8 +1031,8 @@ class PiscoModel:
                 "set_decoding_backend('torch') for other generation settings"
             )
         if self._llamacpp.fingerprint != self.fingerprint:  # weights changed: write them again
-            weights = self._llamacpp.weights
-            self.set_decoding_backend("llama.cpp", weights=weights)
+            old = self._llamacpp
+            self.set_decoding_backend("llama.cpp", weights=old.weights, n_ctx=old.context)
         stop = args.get("stop_strings")
 
         def should_stop(ids: list[int]) -> bool:

@@ -122,3 +122,14 @@ def test_llamacpp_unsupported_backbone_is_a_clear_error(monkeypatch, tmp_path):
         tiny_pisco("qwen2").set_decoding_backend("llama.cpp")
     with pytest.raises(PiscoInputError, match=r"'torch' or 'llama\.cpp'"):
         tiny_pisco("llama").set_decoding_backend("vllm")
+
+
+def test_llamacpp_weights_and_context_are_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("PISCO_RAG_CACHE", str(tmp_path))
+    model = tiny_pisco("llama")
+    with pytest.raises(PiscoInputError, match="weights must be one of"):
+        model.set_decoding_backend("llama.cpp", weights="q2_k")
+    model.set_decoding_backend("llama.cpp", n_ctx=32)
+    memories = model.compress(DOCS, use_store=False)
+    with pytest.raises(PiscoInputError, match="n_ctx"):
+        model.generate(QUESTIONS[:1], [memories], max_new_tokens=8)
