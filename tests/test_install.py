@@ -13,7 +13,7 @@ import pytest
 from packaging.version import Version
 
 from pisco_rag import compat
-from pisco_rag.compat import DependencyError, check_dependencies, tested_ranges
+from pisco_rag.compat import DependencyError, check_dependencies
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def test_constraints_pin_versions_inside_the_tested_ranges():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pins[name.lower().replace("_", "-")] = Version(version)
-    ranges = tested_ranges()
+    ranges = compat.tested_ranges()
     assert set(ranges) == {"transformers", "peft"}
     for name, req in ranges.items():
         assert pins[name] in req.specifier, f"constraints.txt pins {name} outside {req}"
@@ -75,7 +75,7 @@ def test_newer_than_tested_warns_once(fake_versions):
 
 
 def test_tested_versions_pass_silently(fake_versions):
-    ranges = tested_ranges()
+    ranges = compat.tested_ranges()
     lowest = {
         n: str(next(s for s in r.specifier if s.operator == ">=").version)
         for n, r in ranges.items()
