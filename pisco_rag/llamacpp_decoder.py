@@ -58,13 +58,13 @@ def _require_llama_cpp():
     return llama_cpp
 
 
-def _rope_rows_to_gguf(weight: np.ndarray, heads: int) -> np.ndarray:
+def _rope_rows_to_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder the output rows of a query/key projection from the transformers rotary layout
     (each head's two halves) to llama.cpp's (interleaved pairs)."""
     rows = weight.shape[0]
     return (
         weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
+        .transpose(1, 2)
         .reshape(weight.shape)
     )
 
@@ -172,13 +172,9 @@ def write_decoder_gguf(model: PiscoModel, path: str | os.PathLike[str], weights:
                 continue
             weight = _linear_weight(module)
             if attr.endswith("q_proj"):
-                weight = torch.from_numpy(
-                    _rope_rows_to_gguf(weight.numpy(), cfg.num_attention_heads)
-                )
+                weight = _rope_rows_to_gguf(weight, cfg.num_attention_heads)
             elif attr.endswith("k_proj"):
-                weight = torch.from_numpy(
-                    _rope_rows_to_gguf(weight.numpy(), cfg.num_key_value_heads)
-                )
+                weight = _rope_rows_to_gguf(weight, cfg.num_key_value_heads)
             add(f"blk.{i}.{gguf_name}.weight", weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -140,6 +140,7 @@ class PiscoModel:
         self.renderer = PromptRenderer(tokenizer, self.n_mem)
         self.extra_embedding_rows: list[int] = []  # base-vocab rows a checkpoint changed
         self._llamacpp: LlamaCppDecoder | None = None  # set_decoding_backend("llama.cpp")
+        self._memory_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # (shift, gain)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -641,7 +642,7 @@ class PiscoModel:
         memory_gain`` when the model was calibrated (:meth:`calibrate_memories`), else as is."""
         if self.config.memory_shift is None:
             return memories
-        cached = getattr(self, "_memory_affine", None)
+        cached = self._memory_affine
         if cached is None or cached[0].device != memories.device:
             shift = torch.tensor(self.config.memory_shift, device=memories.device)
             gain = torch.tensor(self.config.memory_gain, device=memories.device)
@@ -660,29 +661,20 @@ class PiscoModel:
         texts = _check_documents(texts, "texts")
         if queries is not None and len(queries) != len(texts):
             raise PiscoInputError(f"queries: one per text ({len(texts)}), got {len(queries)}")
-        pairs = [
-            (c, q)
-            for i, t in enumerate(texts)
-            for c in self.chunk(t)
-            for q in [queries[i] if queries is not None else None]
-        ]
-        if len(pairs) < 2:
+        chunks, chunk_queries = [], []
+        for i, text in enumerate(texts):
+            for chunk in self.chunk(text):
+                chunks.append(chunk)
+                chunk_queries.append(queries[i] if queries is not None else None)
+        if len(chunks) < 2:
             raise PiscoInputError("calibrate_memories needs at least 2 chunks of text")
         self.config.memory_shift = self.config.memory_gain = None
         self._memory_affine = None
-        raw = (
-            torch.cat(
-                [
-                    self._compress_batch(
-                        [c for c, _ in pairs[i : i + 16]],
-                        None if queries is None else [q for _, q in pairs[i : i + 16]],
-                    )[0]
-                    for i in range(0, len(pairs), 16)
-                ]
-            )
-            .float()
-            .reshape(-1, self.hidden_size)
-        )
+        raw = []
+        for start in range(0, len(chunks), 16):
+            batch_queries = chunk_queries[start : start + 16] if queries is not None else None
+            raw.append(self._compress_batch(chunks[start : start + 16], batch_queries)[0])
+        raw = torch.cat(raw).float().reshape(-1, self.hidden_size)
         mean, std = raw.mean(0), raw.std(0).clamp(min=1e-6)
         table = self._input_embeddings.weight.float()
         target = table[: min(table.shape[0], min(self._added_token_ids()))].norm(dim=-1).mean()
@@ -1033,19 +1025,20 @@ class PiscoModel:
         if self._llamacpp.fingerprint != self.fingerprint:  # weights changed: write them again
             old = self._llamacpp
             self.set_decoding_backend("llama.cpp", weights=old.weights, n_ctx=old.context)
-        stop = args.get("stop_strings")
+        stop = args.get("stop_strings") or []
+        # a stop string spans at most 4 byte-level tokens per character: decode only that tail
+        tail = 4 * max((len(s) for s in stop), default=0) + 1
 
         def should_stop(ids: list[int]) -> bool:
             if cancel is not None and cancel.is_set():
                 return True
-            return bool(stop) and any(s in self.tokenizer.decode(ids) for s in stop)
+            return bool(stop) and any(s in self.tokenizer.decode(ids[-tail:]) for s in stop)
 
         embeds, _ = self._embed([prompt])
-        eos = {self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)}
         return self._llamacpp.stream_ids(
             embeds[0],
             args["max_new_tokens"],
-            eos_ids=sorted(t for t in eos if t is not None),
+            eos_ids=self._eos_ids(),
             min_new_tokens=args.get("min_new_tokens") or 0,
             should_stop=should_stop,
         )
@@ -1127,6 +1120,11 @@ class PiscoModel:
         thread.start()
         return TextStream(streamer, thread, cancel, outcome, stop, self, prompt, max_new_tokens)
 
+    def _eos_ids(self) -> list[int]:
+        """Every id that ends an answer (the generation config's and the tokenizer's)."""
+        eos = {*_as_list(self.model.generation_config.eos_token_id), self.tokenizer.eos_token_id}
+        return sorted(t for t in eos if t is not None)
+
     def _completions(
         self,
         prompts: Sequence[RenderedPrompt],
@@ -1135,8 +1133,7 @@ class PiscoModel:
         stop: Sequence[str] | None,
     ) -> list[Completion]:
         """Decode generated ids: cut at the first eos and at stop strings, count tokens."""
-        eos = set(_as_list(self.model.generation_config.eos_token_id))
-        eos.add(self.tokenizer.eos_token_id)
+        eos = set(self._eos_ids())
         pad = self.tokenizer.pad_token_id
         results = []
         for p, row in zip(prompts, out.tolist()):

@@ -163,7 +163,7 @@ def retriever_step_loss(
         order = [r["gold_index"], *others][:n]  # the gold passage, then the hardest negatives
         passages += [r["documents"][j] for j in order]
         gold.append(i * n)
-        teacher.append([float(r["retrieval_scores"][j]) for j in order])
+        teacher.append([float(scores[j]) for j in order])
     device = query.device
     cands = _embed_grad(model, passages, "", config.max_passage_tokens).reshape(len(batch), n, -1)
     keep = torch.ones(len(batch), n, dtype=torch.bool, device=device)
