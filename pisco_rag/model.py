@@ -1235,11 +1235,16 @@ def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) ->
         model.resize_token_embeddings(len(tokenizer))
 
 
-def tail_logits(
-    backbone: PreTrainedModel, embeds: torch.Tensor, mask: torch.Tensor, keep: int
-) -> torch.Tensor:
-    """Logits of the last ``keep`` positions of left-padded rows (position ids from the mask,
-    as in generation): what answer likelihoods and the training loss need."""
+def tail_forward(
+    backbone: PreTrainedModel,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    keep: int,
+    hidden: bool = False,
+) -> Any:
+    """Forward pass of left-padded rows (position ids from the mask, as in generation) that
+    keeps the logits of the last ``keep`` positions, and every layer's hidden states when
+    ``hidden``: what answer likelihoods and the training losses need."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return backbone(
         inputs_embeds=embeds,
@@ -1247,7 +1252,15 @@ def tail_logits(
         position_ids=positions,
         logits_to_keep=keep,
         use_cache=False,
-    ).logits
+        output_hidden_states=hidden,
+    )
+
+
+def tail_logits(
+    backbone: PreTrainedModel, embeds: torch.Tensor, mask: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of left-padded rows."""
+    return tail_forward(backbone, embeds, mask, keep).logits
 
 
 def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:

@@ -273,6 +273,48 @@ def test_train_retriever_moves_only_the_retriever(tmp_path):
         )
 
 
+def test_retriever_training_resumes_where_it_stopped(tmp_path):
+    """Two steps, then a fresh process that resumes to four, ends where four steps in one go
+    end (adapter, optimizer and batch sampling restored); a finished run extends."""
+    from pisco_rag.training.retriever import CHECKPOINT_FILE, RetrieverConfig, train_retriever
+
+    records = [
+        {
+            "question": f"Which passage is number {i}?",
+            "documents": [PASSAGES[i % 3], PASSAGES[(i + 1) % 3], PASSAGES[(i + 2) % 3]],
+            "gold_index": 0,
+            "retrieval_scores": [0.9, 0.3, 0.1],
+        }
+        for i in range(6)
+    ]
+
+    def run(out, steps, resume=False):
+        model = tiny_pisco(seed=6, lora_dropout=0.0)
+        cfg = RetrieverConfig(
+            str(out),
+            batch_size=2,
+            max_steps=steps,
+            lr=1e-2,
+            logging_steps=1,
+            save_steps=2,
+            resume=resume,
+            show_progress=False,
+        )
+        log = train_retriever(model, records, cfg)["log"]
+        return model.embed_queries(["Which river?"]), log
+
+    straight, straight_log = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
+    resumed, resumed_log = run(tmp_path / "b", 4, resume=True)
+    torch.testing.assert_close(resumed, straight)
+    assert [e["step"] for e in resumed_log] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed_log] == [e["loss"] for e in straight_log]
+    (tmp_path / "b" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(PiscoInputError, match="delete it to start over"):
+        run(tmp_path / "b", 6, resume=True)
+
+
 def test_cli_train_stage_retriever(tmp_path):
     from pisco_rag.cli import main
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pisco_rag import PiscoInputError, PiscoModel
+from pisco_rag.adapters import use_adapter
 from pisco_rag.training import data as data_mod
 from pisco_rag.training.data import (
     EVAL_START,
@@ -529,3 +530,83 @@ def test_question_likelihood_teacher_scores_are_question_log_likelihoods(tiny_mo
     ]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(scores) == 2 and all(s < 0 for s in scores)
+
+
+def test_context_distillation_terms_by_hand(tmp_path):
+    """The text teacher reads the documents as text with every adapter off; its next-token
+    distributions and hidden states are compared with the student's on the tokens both
+    sequences end with (the question, the turn markers, the answer)."""
+    model = pisco(scale=20)
+    recs = RECORDS[:2]
+    batch = DistillationCollator(model, "answer", text_teacher=True)(recs)
+    tok = model.tokenizer
+    for row, rec in enumerate(recs):
+        (text_prompt,) = model._pisco_prompts([rec["question"]], [rec["documents"]])
+        answer = [*tok(rec["answer"], add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        teacher = batch["teacher_input_ids"][row][batch["teacher_attention_mask"][row].bool()]
+        assert teacher.tolist() == text_prompt.input_ids + answer
+        shared = int(batch["shared_suffix"][row])
+        suffix = tok.decode(teacher[-shared:])
+        assert rec["question"] in suffix and "Background" not in suffix
+        assert suffix.endswith(tok.decode(answer))
+
+    student = StudentModule(model, context_distillation=0.5, hidden_distillation=2.0).train()
+    student.trainable = [p for n, p in model.model.named_parameters() if "decoder_adapter" in n]
+    out = student(**batch)
+    total = out["ce_loss"] + 0.5 * out["context_kl"] + 2.0 * out["hidden_distance"]
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-5)
+
+    # the same two terms, position by position
+    with torch.no_grad():
+        use_adapter(model.model, None)
+        t = model.model(
+            input_ids=batch["teacher_input_ids"],
+            attention_mask=batch["teacher_attention_mask"],
+            position_ids=(batch["teacher_attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True,
+        )
+        memories, _ = student.compress(batch["enc_input_ids"], batch["enc_attention_mask"])
+        use_adapter(model.model, "decoder_adapter")
+        embeds = model.model.get_input_embeddings()(batch["input_ids"])
+        slots = torch.isin(batch["input_ids"], torch.tensor(model.mem_token_ids))
+        embeds[slots] = memories.reshape(-1, memories.shape[-1])
+        mask = batch["attention_mask"]
+        s = model.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True,
+        )
+    kls, dists = [], {layer: [] for layer in range(len(t.hidden_states) - 2, 0, -4)}
+    for row in range(len(recs)):
+        for back in range(2, int(batch["shared_suffix"][row]) + 1):  # predicts a shared token
+            p_t = torch.log_softmax(t.logits[row, -back], -1)
+            p_s = torch.log_softmax(s.logits[row, -back], -1)
+            kls.append(float((p_t.exp() * (p_t - p_s)).sum()))
+            for layer in dists:
+                h_t, h_s = t.hidden_states[layer][row, -back], s.hidden_states[layer][row, -back]
+                dists[layer].append(float((h_s - h_t).pow(2).sum() / h_t.pow(2).sum()))
+    assert float(out["context_kl"]) == pytest.approx(sum(kls) / len(kls), rel=1e-3)
+    by_layer = [sum(v) / len(v) for v in dists.values()]
+    assert float(out["hidden_distance"]) == pytest.approx(sum(by_layer) / len(by_layer), rel=1e-3)
+    assert float(out["context_kl"]) > 0
+
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.trainable)
+    # evaluation (no teacher inputs, or eval mode) is the plain answer loss
+    plain = student.eval()(**batch)
+    assert "context_kl" not in plain and torch.equal(plain["loss"], plain["ce_loss"])
+
+
+def test_context_distillation_training_brings_the_student_to_the_text_reader(tmp_path):
+    model = pisco(scale=20)
+    result = train(
+        model,
+        RECORDS,
+        # the KL term weighs most here: the tiny model's answer loss is ~25 nats
+        config=config(tmp_path, max_steps=12, context_distillation=50.0),
+    )
+    kl = [h["context_kl"] for h in result["log_history"] if "context_kl" in h]
+    assert len(kl) == 12 and sum(kl[-3:]) < sum(kl[:3]), kl
+    with pytest.raises(PiscoInputError, match="hidden_distillation"):
+        TrainConfig(output_dir=str(tmp_path), hidden_distillation=-1)

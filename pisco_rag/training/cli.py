@@ -156,6 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         calibrate_memories=args.calibrate_memories,
+        context_distillation=args.context_distillation,
+        hidden_distillation=args.hidden_distillation,
         show_progress=not args.quiet,
     )
     resume: str | bool | None = args.resume
@@ -184,6 +186,8 @@ def _train_retriever(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         alignment_weight=args.alignment_weight,
         invariance_weight=args.invariance_weight,
+        save_steps=args.save_steps,
+        resume=args.resume is not None,
         show_progress=not args.quiet,
     )
     records = [dict(r) for r in _records(args.data, args.data_split)]
@@ -414,10 +418,27 @@ def add_train_commands(subparsers: Any) -> None:
         "training documents (PiscoModel.calibrate_memories); for new models (--from-backbone)",
     )
     tr.add_argument(
+        "--context-distillation",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="weight of the KL to the backbone reading the documents as text, on every "
+        "position after the context (question and answer); 0: off",
+    )
+    tr.add_argument(
+        "--hidden-distillation",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="weight of the distance to that text reader's hidden states there (every 4th "
+        "layer); 0: off",
+    )
+    tr.add_argument(
         "--resume",
         default=None,
         metavar="CHECKPOINT",
-        help="a checkpoint-N directory, or 'latest' in --output",
+        help="a checkpoint-N directory, or 'latest' in --output; retriever stage: any value "
+        "goes on from --output's retriever checkpoint (a larger --max-steps extends a run)",
     )
     tr.add_argument("--seed", type=int, default=0)
     _device_args(tr)

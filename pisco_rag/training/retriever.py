@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
 import random
 import time
 from collections.abc import Sequence
@@ -30,9 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from ..adapters import DECODER, RETRIEVER, use_adapter
+from ..adapters import DECODER, RETRIEVER, adapter_state_dict, use_adapter
 from ..embedding import encode_for_retrieval, pool, retrieval_hidden
 from ..errors import PiscoInputError
 
@@ -119,6 +122,8 @@ class RetrieverConfig:
     logging_steps: int = 10
     max_passage_tokens: int = 128  # passages are cropped to this for training (memory, speed)
     max_candidates: int = 3  # per question: the gold passage and the top retrieved negatives
+    save_steps: int = 50  # the adapter, optimizer and sampling state, for resuming
+    resume: bool = False  # go on from output_dir's checkpoint if there is one
     show_progress: bool = True
 
 
@@ -185,6 +190,44 @@ def retriever_step_loss(
     return terms
 
 
+CHECKPOINT_FILE = "retriever_checkpoint.pt"
+
+
+def _save_checkpoint(model, optimizer, rng: random.Random, step: int, log: list, path: Path):
+    """The retriever adapter, the optimizer, the batch sampler and the log after ``step``,
+    written atomically (an interrupted save leaves the previous checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "adapter": adapter_state_dict(model.model, RETRIEVER),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "log": log,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(model, optimizer, rng: random.Random, path: Path) -> tuple[int, list]:
+    """Restore a :func:`_save_checkpoint` file; returns (the next step, the log so far)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        result = set_peft_model_state_dict(model.model, state["adapter"], adapter_name=RETRIEVER)
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise PiscoInputError(
+            f"{path} is not a retriever checkpoint of this model ({e}); delete it to start over"
+        ) from e
+    if [k for k in result.missing_keys if f".{RETRIEVER}." in k and "lora_" in k]:
+        raise PiscoInputError(f"{path} does not fit this model's retriever adapter")
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"] + 1, list(state["log"])
+
+
 def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverConfig) -> dict:
     """Train ``model``'s retriever adapter (added if missing) on ``records``; saves the model
     to ``output_dir/final`` and the log to ``output_dir/retriever_log.json``."""
@@ -199,11 +242,16 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     rng = random.Random(config.seed)
-    log, parts = [], {}
+    out = Path(config.output_dir)
+    log, parts, first = [], {}, 1
+    if config.resume and (out / CHECKPOINT_FILE).is_file():
+        first, log = _load_checkpoint(model, optimizer, rng, out / CHECKPOINT_FILE)
+        logger.info("retriever training resumes after step %d", first - 1)
     start = time.perf_counter()
     model.model.train()
     try:
-        for step in tqdm(range(1, config.max_steps + 1), disable=not config.show_progress):
+        steps = range(first, config.max_steps + 1)
+        for step in tqdm(steps, total=len(steps), disable=not config.show_progress):
             batch = rng.sample(records, min(config.batch_size, len(records)))
             with model._lock:
                 try:
@@ -226,11 +274,12 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
                 )
                 logger.info("retriever step %d: %s", step, entry)
                 parts = {}
+            if step % config.save_steps == 0 or step == config.max_steps:
+                _save_checkpoint(model, optimizer, rng, step, log, out / CHECKPOINT_FILE)
     finally:
         model.model.eval()
         for p in model.model.parameters():
             p.requires_grad_(flags[id(p)])
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "final")
     (out / "retriever_log.json").write_text(

@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..adapters import DECODER, ENCODER, use_adapter
 from ..errors import PiscoInputError
 from ..memory import Memory
-from ..model import PiscoModel, tail_logits
+from ..model import PiscoModel, tail_forward
 from ..prompting import pisco_encoder_inputs, text_ids
 from .data import load_records, record_task, resolve_target_field, training_target
 
@@ -84,6 +84,11 @@ class TrainConfig:
     # standardise memories before training (PiscoModel.calibrate_memories) on the first
     # training documents, unless the model already is
     calibrate_memories: bool = False
+    # context distillation from the same backbone reading the documents as text (adapters off):
+    # KL on the next-token distributions of every position after the context (question, answer)
+    context_distillation: float = 0.0
+    # ... and the relative squared distance of the hidden states there, every 4th layer
+    hidden_distillation: float = 0.0
     show_progress: bool = True
     extra_args: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
@@ -95,6 +100,9 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise PiscoInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("context_distillation", "hidden_distillation"):
+            if getattr(self, name) < 0:
+                raise PiscoInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise PiscoInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -106,11 +114,16 @@ class DistillationCollator:
     answer and eos) with labels on the answer tokens only."""
 
     def __init__(
-        self, model: PiscoModel, target_field: str | None, max_answer_tokens: int = 64
+        self,
+        model: PiscoModel,
+        target_field: str | None,
+        max_answer_tokens: int = 64,
+        text_teacher: bool = False,
     ) -> None:
         self.model = model
         self.target_field = target_field
         self.max_answer_tokens = max_answer_tokens
+        self.text_teacher = text_teacher
         tok = model.tokenizer
         if tok.eos_token_id is None:
             raise PiscoInputError("the backbone's tokenizer has no eos token")
@@ -120,6 +133,13 @@ class DistillationCollator:
         r = self.model.renderer
         turns = r.pisco_turns(question, [_PLACEHOLDER] * n_chunks, self.model.config.system_prompt)
         return r.render(turns).input_ids
+
+    def text_prompt_ids(self, question: str, documents: Sequence[str]) -> list[int]:
+        """Token ids of the text-RAG prompt: the documents inline where the memories go."""
+        r = self.model.renderer
+        return r.render(
+            r.pisco_turns(question, documents, self.model.config.system_prompt)
+        ).input_ids
 
     def pretraining_prompt_ids(self, task: str, n_chunks: int) -> list[int]:
         """Naver's pre-training layout, no chat template: bos, the memory slots, then ``<AE>``
@@ -134,6 +154,7 @@ class DistillationCollator:
         model, tok = self.model, self.model.tokenizer
         texts, queries, chunk_doc, rows = [], [], [], []
         scores, score_mask, n_docs = [], [], 0
+        teacher_rows: list[list[int]] = []
         for rec in records:
             chunks = [(d, c) for d, doc in enumerate(rec["documents"]) for c in model.chunk(doc)]
             texts += [c for _, c in chunks]
@@ -160,6 +181,11 @@ class DistillationCollator:
                     )
                 answer = [*text_ids(tok, target)[:limit], tok.eos_token_id]
             rows.append((prompt, answer))
+            if self.text_teacher:
+                text = (
+                    self.text_prompt_ids(rec["question"], rec["documents"]) if task == "qa" else []
+                )
+                teacher_rows.append(text + answer if text else [])
         batch = self._compressor_inputs(texts, queries)
         width = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -172,11 +198,34 @@ class DistillationCollator:
             if answer:
                 labels[row, width - len(answer) :] = torch.tensor(answer)
         batch.update(input_ids=ids, attention_mask=mask, labels=labels)
+        if self.text_teacher:
+            batch.update(self._teacher_inputs(teacher_rows, [p + a for p, a in rows]))
         if any(score_mask):
             batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32)
             batch["score_mask"] = torch.tensor(score_mask, dtype=torch.bool)
             batch["chunk_document"] = torch.tensor(chunk_doc, dtype=torch.long)
         return batch
+
+    def _teacher_inputs(
+        self, teacher_rows: list[list[int]], student_rows: list[list[int]]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded text-RAG rows and, per row, how many final tokens the two sequences
+        share (the question, the turn markers and the answer: the positions to distil)."""
+        pad = self.model.tokenizer.pad_token_id
+        width = max(1, *(len(t) for t in teacher_rows))
+        ids = torch.full((len(teacher_rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(teacher_rows), width), dtype=torch.long)
+        shared = torch.zeros(len(teacher_rows), dtype=torch.long)
+        for row, (teacher, student) in enumerate(zip(teacher_rows, student_rows, strict=True)):
+            if not teacher:
+                continue
+            ids[row, width - len(teacher) :] = torch.tensor(teacher)
+            mask[row, width - len(teacher) :] = 1
+            n = 0
+            while n < min(len(teacher), len(student)) and teacher[-1 - n] == student[-1 - n]:
+                n += 1
+            shared[row] = n
+        return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "shared_suffix": shared}
 
     def _compressor_inputs(self, texts: list[str], queries: list[str]) -> dict[str, torch.Tensor]:
         model = self.model
@@ -195,11 +244,19 @@ class StudentModule(nn.Module):
 
     accepts_loss_kwargs = False  # per-batch mean; the Trainer scales for accumulation
 
-    def __init__(self, pisco: PiscoModel, rerank_weight: float = 0.05) -> None:
+    def __init__(
+        self,
+        pisco: PiscoModel,
+        rerank_weight: float = 0.05,
+        context_distillation: float = 0.0,
+        hidden_distillation: float = 0.0,
+    ) -> None:
         super().__init__()
         self.backbone = pisco.model
         self.compressor = pisco.compressor
         self.rerank_weight = rerank_weight
+        self.context_distillation = context_distillation
+        self.hidden_distillation = hidden_distillation
         object.__setattr__(self, "pisco", pisco)  # not a submodule
         self.trainable: list[nn.Parameter] = []
 
@@ -223,6 +280,18 @@ class StudentModule(nn.Module):
         )[0]
         return self.pisco.standardise_memories(hidden[:, -self.pisco.n_mem :, :]), None
 
+    @torch.no_grad()
+    def _text_teacher(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> Any:
+        """The plain backbone (every adapter off) reading the documents as text."""
+        use_adapter(self.backbone, None)
+        try:
+            embeds = self.backbone.get_input_embeddings()(ids)
+            return tail_forward(
+                self.backbone, embeds, mask, keep, hidden=self.hidden_distillation > 0
+            )
+        finally:
+            use_adapter(self.backbone, DECODER)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -233,8 +302,16 @@ class StudentModule(nn.Module):
         teacher_scores: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         chunk_document: torch.Tensor | None = None,
+        teacher_input_ids: torch.Tensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        shared_suffix: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         pisco = self.pisco
+        distil = (
+            shared_suffix is not None
+            and self.training
+            and (self.context_distillation > 0 or self.hidden_distillation > 0)
+        )
         with pisco._lock:
             memories, scores = self.compress(enc_input_ids, enc_attention_mask)
             use_adapter(self.backbone, DECODER)
@@ -253,7 +330,19 @@ class StudentModule(nn.Module):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors)
             answer_len = int((labels != -100).sum(-1).max())
             keep = answer_len + 1  # answers sit at the end of the left-padded rows
-            logits = tail_logits(self.backbone, embeds, attention_mask, keep)
+            if distil:
+                keep = max(keep, int(shared_suffix.max()))
+                teacher = self._text_teacher(teacher_input_ids, teacher_attention_mask, keep)
+                use_adapter(self.backbone, DECODER)
+                self._keep_trainable()
+            student = tail_forward(
+                self.backbone,
+                embeds,
+                attention_mask,
+                keep,
+                hidden=distil and self.hidden_distillation > 0,
+            )
+        logits = student.logits
         targets = labels[:, -keep:][:, 1:]
         ce = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -261,6 +350,20 @@ class StudentModule(nn.Module):
             ignore_index=-100,
         )
         out = {"loss": ce, "ce_loss": ce.detach()}
+        if distil:
+            # positions inside the shared suffix that predict a token of it
+            index = torch.arange(keep, device=logits.device)
+            where = (index >= keep - shared_suffix.unsqueeze(1)) & (index < keep - 1)
+            where &= attention_mask[:, -keep:].bool()
+            if where.any():
+                if self.context_distillation > 0:
+                    kl = context_kl(logits, teacher.logits, where)
+                    out["loss"] = out["loss"] + self.context_distillation * kl
+                    out["context_kl"] = kl.detach()
+                if self.hidden_distillation > 0:
+                    hid = hidden_distance(student.hidden_states, teacher.hidden_states, where, keep)
+                    out["loss"] = out["loss"] + self.hidden_distillation * hid
+                    out["hidden_distance"] = hid.detach()
         if scores is not None and teacher_scores is not None and self.rerank_weight:
             doc_scores = torch.full(
                 (teacher_scores.shape[0],), float("-inf"), device=scores.device, dtype=scores.dtype
@@ -270,6 +373,28 @@ class StudentModule(nn.Module):
             out["loss"] = ce + self.rerank_weight * rerank
             out["rerank_loss"] = rerank.detach()
         return out
+
+
+def context_kl(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, mean over the ``where`` positions
+    (logits ``[rows, positions, vocab]``, aligned from the end)."""
+    s = nn.functional.log_softmax(student[where].float(), dim=-1)
+    t = nn.functional.log_softmax(teacher[where].float(), dim=-1)
+    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def hidden_distance(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], where: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """Mean over layers (every 4th, counted down from the one before last; the logits cover
+    the last) of ``|h_s - h_t|^2 / |h_t|^2`` at the ``where`` positions of the last ``keep``
+    tokens."""
+    layers = range(len(teacher) - 2, 0, -4)
+    terms = []
+    for layer in layers:
+        s, t = student[layer][:, -keep:][where].float(), teacher[layer][:, -keep:][where].float()
+        terms.append(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-6)).mean())
+    return torch.stack(terms).mean()
 
 
 # ---------------------------------------------------------------------- what trains
@@ -439,7 +564,7 @@ class PiscoTrainer(Trainer):
     ):
         outputs = model(**inputs)
         if model.training:
-            for key in ("ce_loss", "rerank_loss"):
+            for key in ("ce_loss", "rerank_loss", "context_kl", "hidden_distance"):
                 if key in outputs:
                     self._parts.setdefault(key, []).append(float(outputs[key]))
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
@@ -656,7 +781,8 @@ def train(
         queries = [r["question"] or "" for r in sample for _ in r["documents"]]
         model.calibrate_memories(texts, queries if model.config.is_oscar else None)
         logger.info("memories standardised on %d training documents", len(texts))
-    collator = DistillationCollator(model, target, config.max_answer_tokens)
+    distil = config.context_distillation > 0 or config.hidden_distillation > 0
+    collator = DistillationCollator(model, target, config.max_answer_tokens, text_teacher=distil)
     eval_collator = DistillationCollator(model, eval_target, config.max_answer_tokens)
     bf16 = _default_bf16() if config.bf16 is None else config.bf16
     has_eval = eval_ds is not None
@@ -693,7 +819,12 @@ def train(
         if "answer" not in eval_ds.column_names:
             raise PiscoInputError("eval_generate needs an 'answer' field in the eval data")
         answer_eval = [eval_ds[i] for i in range(min(config.eval_generate, len(eval_ds)))]
-    student = StudentModule(model, rerank_weight=config.rerank_weight)
+    student = StudentModule(
+        model,
+        rerank_weight=config.rerank_weight,
+        context_distillation=config.context_distillation,
+        hidden_distillation=config.hidden_distillation,
+    )
     setup = setup_trainable(student, config)
     try:
         if config.gradient_checkpointing:
