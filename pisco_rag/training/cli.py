@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         calibrate_memories=args.calibrate_memories,
         context_distillation=args.context_distillation,
         hidden_distillation=args.hidden_distillation,
+        text_context_ratio=args.text_context_ratio,
         show_progress=not args.quiet,
     )
     resume: str | bool | None = args.resume
@@ -432,6 +433,14 @@ def add_train_commands(subparsers: Any) -> None:
         metavar="WEIGHT",
         help="weight of the distance to that text reader's hidden states there (every 4th "
         "layer); 0: off",
+    )
+    tr.add_argument(
+        "--text-context-ratio",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of QA records the decoder reads as text instead of memories, so that its "
+        "adapter keeps reading text well (e.g. 0.2; only records of at most two chunks); 0: none",
     )
     tr.add_argument(
         "--resume",

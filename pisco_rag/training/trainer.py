@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class TrainConfig:
     context_distillation: float = 0.0
     # ... and the relative squared distance of the hidden states there, every 4th layer
     hidden_distillation: float = 0.0
+    # this share of QA records is read as text by the decoder adapter, so it keeps reading text
+    text_context_ratio: float = 0.0
     show_progress: bool = True
     extra_args: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
@@ -103,6 +106,11 @@ class TrainConfig:
         for name in ("context_distillation", "hidden_distillation"):
             if getattr(self, name) < 0:
                 raise PiscoInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.text_context_ratio < 1:
+            raise PiscoInputError(
+                f"text_context_ratio must be in [0, 1) (the share of records read as text), "
+                f"got {self.text_context_ratio}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise PiscoInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -119,11 +127,13 @@ class DistillationCollator:
         target_field: str | None,
         max_answer_tokens: int = 64,
         text_teacher: bool = False,
+        text_context_ratio: float = 0.0,
     ) -> None:
         self.model = model
         self.target_field = target_field
         self.max_answer_tokens = max_answer_tokens
         self.text_teacher = text_teacher
+        self.text_context_ratio = text_context_ratio
         tok = model.tokenizer
         if tok.eos_token_id is None:
             raise PiscoInputError("the backbone's tokenizer has no eos token")
@@ -133,6 +143,16 @@ class DistillationCollator:
         r = self.model.renderer
         turns = r.pisco_turns(question, [_PLACEHOLDER] * n_chunks, self.model.config.system_prompt)
         return r.render(turns).input_ids
+
+    def reads_text(self, record: dict[str, Any]) -> bool:
+        """Whether the decoder would read this QA record's documents as text instead of
+        memories: a fixed ``text_context_ratio`` share of the records, chosen by a hash of the
+        question (the same records on every epoch and after a resume). Only records whose
+        documents fill at most two chunks are read as text (a long text row would pad the whole
+        batch to its length)."""
+        if not self.text_context_ratio:
+            return False
+        return zlib.crc32(record["question"].encode()) / 2**32 < self.text_context_ratio
 
     def text_prompt_ids(self, question: str, documents: Sequence[str]) -> list[int]:
         """Token ids of the text-RAG prompt: the documents inline where the memories go."""
@@ -156,16 +176,22 @@ class DistillationCollator:
         scores, score_mask, n_docs = [], [], 0
         teacher_rows: list[list[int]] = []
         for rec in records:
+            task = record_task(rec)
             chunks = [(d, c) for d, doc in enumerate(rec["documents"]) for c in model.chunk(doc)]
+            as_text = task == "qa" and len(chunks) <= 2 and self.reads_text(rec)
+            if as_text:
+                chunks = []
             texts += [c for _, c in chunks]
             queries += [rec["question"]] * len(chunks)
             chunk_doc += [n_docs + d for d, _ in chunks]
             teacher = rec.get("teacher_scores")
             scores += [float(s) for s in teacher] if teacher else [0.0] * len(rec["documents"])
-            score_mask += [teacher is not None] * len(rec["documents"])
+            score_mask += [teacher is not None and not as_text] * len(rec["documents"])
             n_docs += len(rec["documents"])
-            task = record_task(rec)
-            if task == "qa":
+            if as_text:
+                prompt = self.text_prompt_ids(rec["question"], rec["documents"])
+                limit = self.max_answer_tokens
+            elif task == "qa":
                 prompt = self.prompt_ids(rec["question"], len(chunks))
                 limit = self.max_answer_tokens
             else:
@@ -182,11 +208,10 @@ class DistillationCollator:
                 answer = [*text_ids(tok, target)[:limit], tok.eos_token_id]
             rows.append((prompt, answer))
             if self.text_teacher:
-                text = (
-                    self.text_prompt_ids(rec["question"], rec["documents"]) if task == "qa" else []
-                )
+                distil = task == "qa" and not as_text
+                text = self.text_prompt_ids(rec["question"], rec["documents"]) if distil else []
                 teacher_rows.append(text + answer if text else [])
-        batch = self._compressor_inputs(texts, queries)
+        batch = self._compressor_inputs(texts, queries) if texts else {}
         width = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -297,8 +322,8 @@ class StudentModule(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-        enc_input_ids: torch.Tensor,
-        enc_attention_mask: torch.Tensor,
+        enc_input_ids: torch.Tensor | None = None,
+        enc_attention_mask: torch.Tensor | None = None,
         teacher_scores: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         chunk_document: torch.Tensor | None = None,
@@ -313,7 +338,9 @@ class StudentModule(nn.Module):
             and (self.context_distillation > 0 or self.hidden_distillation > 0)
         )
         with pisco._lock:
-            memories, scores = self.compress(enc_input_ids, enc_attention_mask)
+            memories, scores = None, None
+            if enc_input_ids is not None:  # None: every row reads its documents as text
+                memories, scores = self.compress(enc_input_ids, enc_attention_mask)
             use_adapter(self.backbone, DECODER)
             self._keep_trainable()
             embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -321,13 +348,15 @@ class StudentModule(nn.Module):
                 input_ids, torch.tensor(pisco.mem_token_ids, device=input_ids.device)
             )
             slots &= attention_mask.bool()
-            vectors = memories.reshape(-1, memories.shape[-1]).to(embeds.dtype)
-            if int(slots.sum()) != vectors.shape[0]:
+            n_vectors = 0 if memories is None else memories.shape[0] * memories.shape[1]
+            if int(slots.sum()) != n_vectors:
                 raise PiscoInputError(
                     "the batch's memory slots do not match its memories; a document may contain "
                     "memory-token strings"
                 )
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors)
+            if memories is not None:
+                vectors = memories.reshape(-1, memories.shape[-1]).to(embeds.dtype)
+                embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors)
             answer_len = int((labels != -100).sum(-1).max())
             keep = answer_len + 1  # answers sit at the end of the left-padded rows
             if distil:
@@ -782,7 +811,13 @@ def train(
         model.calibrate_memories(texts, queries if model.config.is_oscar else None)
         logger.info("memories standardised on %d training documents", len(texts))
     distil = config.context_distillation > 0 or config.hidden_distillation > 0
-    collator = DistillationCollator(model, target, config.max_answer_tokens, text_teacher=distil)
+    collator = DistillationCollator(
+        model,
+        target,
+        config.max_answer_tokens,
+        text_teacher=distil,
+        text_context_ratio=config.text_context_ratio,
+    )
     eval_collator = DistillationCollator(model, eval_target, config.max_answer_tokens)
     bf16 = _default_bf16() if config.bf16 is None else config.bf16
     has_eval = eval_ds is not None
