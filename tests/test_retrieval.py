@@ -235,13 +235,9 @@ def test_perturbations_keep_the_words():
         }
 
 
-def test_train_retriever_moves_only_the_retriever(tmp_path):
-    from pisco_rag.training.retriever import RetrieverConfig, train_retriever
-
-    model = tiny_pisco(seed=6)
-    memories_before = model.compress(PASSAGES[:1], use_store=False)[0].vectors
-    answer_before = model.generate(["Which river?"], [[]], max_new_tokens=3)
-    records = [
+def retriever_records() -> list[dict]:
+    """Six retriever training records over PASSAGES, the gold one first."""
+    return [
         {
             "question": f"Which passage is number {i}?",
             "documents": [PASSAGES[i % 3], PASSAGES[(i + 1) % 3], PASSAGES[(i + 2) % 3]],
@@ -250,6 +246,15 @@ def test_train_retriever_moves_only_the_retriever(tmp_path):
         }
         for i in range(6)
     ]
+
+
+def test_train_retriever_moves_only_the_retriever(tmp_path):
+    from pisco_rag.training.retriever import RetrieverConfig, train_retriever
+
+    model = tiny_pisco(seed=6)
+    memories_before = model.compress(PASSAGES[:1], use_store=False)[0].vectors
+    answer_before = model.generate(["Which river?"], [[]], max_new_tokens=3)
+    records = retriever_records()
     result = train_retriever(
         model,
         records,
@@ -278,15 +283,7 @@ def test_retriever_training_resumes_where_it_stopped(tmp_path):
     end (adapter, optimizer and batch sampling restored); a finished run extends."""
     from pisco_rag.training.retriever import CHECKPOINT_FILE, RetrieverConfig, train_retriever
 
-    records = [
-        {
-            "question": f"Which passage is number {i}?",
-            "documents": [PASSAGES[i % 3], PASSAGES[(i + 1) % 3], PASSAGES[(i + 2) % 3]],
-            "gold_index": 0,
-            "retrieval_scores": [0.9, 0.3, 0.1],
-        }
-        for i in range(6)
-    ]
+    records = retriever_records()
 
     def run(out, steps, resume=False):
         model = tiny_pisco(seed=6, lora_dropout=0.0)

@@ -362,7 +362,6 @@ class StudentModule(nn.Module):
             if distil:
                 keep = max(keep, int(shared_suffix.max()))
                 teacher = self._text_teacher(teacher_input_ids, teacher_attention_mask, keep)
-                use_adapter(self.backbone, DECODER)
                 self._keep_trainable()
             student = tail_forward(
                 self.backbone,
