@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import load_file, save_file
 
+from .defaults import embedded_backbone_dir
 from .errors import CheckpointError
 from .verbosity import quiet_loading
 
@@ -240,8 +241,6 @@ def load_tokenizer(name: str, *, local_files_only: bool = False) -> Any:
 def backbone_source(name: str) -> str | Path:
     """Where a backbone name loads from: the embedded cache dir, a local dir, or a hub id."""
     if name.startswith("embedded:"):
-        from .defaults import embedded_backbone_dir
-
         return embedded_backbone_dir(name.removeprefix("embedded:"))
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()

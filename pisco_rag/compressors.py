@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from . import checkpoints
 from .verbosity import quiet_loading
 
 RERANK_TOKEN = "<RR>"
@@ -170,8 +171,6 @@ def build_compressor(
     (compact native ones).
     """
     import copy
-
-    from . import checkpoints
 
     if config.compressor == "first-layers":
         source, tokenizer = backbone, copy.deepcopy(backbone_tokenizer)

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import CheckpointError
-from .verbosity import quiet_loading, warn_once
+from .verbosity import quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -103,27 +103,3 @@ def embedded_backbone_dir(name: str) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def load_embedded(name: str = "embedded", *, device=None, dtype=None, store=None):
-    """A shipped default by name: ``embedded`` (PISCO) or ``embedded-oscar`` (OSCAR with a
-    reranking head). A shipped model whose config carries a ``notice`` (e.g. how far it was
-    trained) warns with it. Without shipped PISCO weights, ``embedded`` is an untrained model."""
-    from .model import PiscoModel
-
-    directory = SHIPPED_MODELS[name]
-    if (directory / "config.json").is_file():
-        model = PiscoModel.from_pretrained(directory, device=device, dtype=dtype, store=store)
-        notice = model_notice(model.config)
-        if notice:
-            warn_once(notice, stacklevel=3)
-        return model
-    if name != "embedded":
-        raise CheckpointError(
-            f"{directory} is missing: this installation ships no {name!r} model; train one "
-            "(docs/training.md) and load its directory"
-        )
-    warn_once(UNTRAINED_NOTICE, stacklevel=3)
-    model = PiscoModel.from_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype, store=store)
-    model.config.name = "pisco-smollm2-135m (untrained)"
-    return model

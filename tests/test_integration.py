@@ -17,7 +17,8 @@ PARIS = "Paris is the capital and largest city of France, on the river Seine."
 
 
 def test_embedded_default_is_the_shipped_pisco_model(smollm):
-    from pisco_rag.defaults import SHIPPED_MODELS, load_embedded, model_notice
+    from pisco_rag.defaults import SHIPPED_MODELS, model_notice
+    from pisco_rag.model import load_embedded
 
     assert smollm.config.trained and smollm.config.name == "pisco-smollm2-135m"
     assert smollm.config.backbone == "embedded:smollm2-135m-instruct"
@@ -31,7 +32,8 @@ def test_embedded_default_is_the_shipped_pisco_model(smollm):
 
 def test_without_shipped_weights_the_default_is_untrained(monkeypatch, tmp_path):
     from pisco_rag import CheckpointError
-    from pisco_rag.defaults import SHIPPED_MODELS, load_embedded
+    from pisco_rag.defaults import SHIPPED_MODELS
+    from pisco_rag.model import load_embedded
 
     monkeypatch.setitem(SHIPPED_MODELS, "embedded", tmp_path / "none")
     monkeypatch.setitem(SHIPPED_MODELS, "embedded-oscar", tmp_path / "none")
