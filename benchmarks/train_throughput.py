@@ -12,7 +12,12 @@ The recipes:
   bfloat16 autocast, batch 4;
 - ``pisco_fp32``: the same model in float32 (the precision chosen by measurement on CPUs
   without native bf16), batch 8;
-- ``oscar_fp32``: OSCAR with the backbone's first 5 layers as compressor, float32, batch 8.
+- ``oscar_fp32``: OSCAR with the backbone's first 5 layers as compressor, float32, batch 8;
+- ``oscar_fp32_text_rows``: the same with a quarter of the records read as text
+  (``--text-context-ratio 0.25``), batches in random order;
+- ``oscar_fp32_text_rows_grouped``: the same records in batches grouped by decoder row length,
+  as the trainer groups them by default (transformers' length-grouped order, mega-batches of
+  ``--steps`` batches; the trainer's are 50 batches, which groups at least as well).
 
 ``--recipes`` picks some of them; ``--tiny`` runs on a 2-layer random model (smoke test).
 """
@@ -37,6 +42,25 @@ RECIPES = {
     "pisco_fp32": {"compressor": "pisco", "bf16": False, "batch_size": 8, "warmup": 1},
     "oscar_fp32": {"compressor": "first-layers:5", "bf16": False, "batch_size": 8, "warmup": 1},
 }
+TEXT_ROWS = {**RECIPES["oscar_fp32"], "text_context_ratio": 0.25}
+RECIPES["oscar_fp32_text_rows"] = {**TEXT_ROWS, "group_by_length": False}
+RECIPES["oscar_fp32_text_rows_grouped"] = {**TEXT_ROWS, "group_by_length": True}
+
+
+def batches(records: list[dict], recipe: dict, collator, steps: int) -> list[list[dict]]:
+    """The warm-up batches, then ``steps`` timed batches (length-grouped if the recipe says)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    bs, warmup = recipe["batch_size"], recipe["warmup"]
+    head, timed = records[: warmup * bs], records[warmup * bs : (warmup + steps) * bs]
+    if recipe.get("group_by_length"):
+        lengths = [collator.decoder_length(r) for r in timed]
+        order = get_length_grouped_indices(
+            lengths, bs, mega_batch_mult=steps, generator=torch.Generator().manual_seed(0)
+        )
+        timed = [timed[i] for i in order]
+    rows = head + timed
+    return [rows[i : i + bs] for i in range(0, len(rows), bs)]
 
 
 def build(recipe: dict, tiny: bool):
@@ -67,7 +91,9 @@ def time_recipe(name: str, recipe: dict, records: list[dict], steps: int, tiny: 
     student = StudentModule(model)
     setup = setup_trainable(student, TrainConfig(output_dir="unused"))
     optimizer = torch.optim.AdamW(setup.groups, lr=1e-5)
-    collator = DistillationCollator(model, "answer")
+    collator = DistillationCollator(
+        model, "answer", text_context_ratio=recipe.get("text_context_ratio", 0.0)
+    )
     student.train()
     bs = recipe["batch_size"]
     autocast = (
@@ -75,8 +101,8 @@ def time_recipe(name: str, recipe: dict, records: list[dict], steps: int, tiny: 
     )
     seconds = []
     warmup = recipe["warmup"]
-    for step in range(steps + warmup):
-        batch = collator(records[step * bs : (step + 1) * bs])
+    for step, rows in enumerate(batches(records, recipe, collator, steps)):
+        batch = collator(rows)
         start = time.perf_counter()
         with autocast:
             loss = student(**batch)["loss"]

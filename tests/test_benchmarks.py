@@ -200,11 +200,12 @@ def test_train_throughput_script_runs(tmp_path):
         "--recipes",
         "shipped_default",
         "oscar_fp32",
+        "oscar_fp32_text_rows_grouped",
         "--out",
         str(out),
     )
     recipes = json.loads(out.read_text())["recipes"]
-    assert set(recipes) == {"shipped_default", "oscar_fp32"}
+    assert set(recipes) == {"shipped_default", "oscar_fp32", "oscar_fp32_text_rows_grouped"}
     assert all(r["examples_per_second"] > 0 and r["timed_steps"] == 1 for r in recipes.values())
     assert recipes["shipped_default"]["speedup_vs_shipped_default"] == 1.0
 

@@ -644,3 +644,36 @@ def test_text_context_rows_read_their_documents_as_text(tmp_path):
     assert torch.isfinite(student(**only_text)["loss"])
     with pytest.raises(PiscoInputError, match="text_context_ratio"):
         TrainConfig(output_dir=str(tmp_path), text_context_ratio=1.0)
+
+
+def test_batches_group_rows_of_similar_length(tmp_path, monkeypatch):
+    """Batches are grouped by decoder row length (on by default): the long text rows and the
+    short memory rows of a text_context_ratio run share a batch only where transformers'
+    sampler closes a mega-batch, so neither pads the other. The length a record is grouped by
+    is the width its row really has."""
+    model = pisco()
+    long = [dict(r, documents=[" ".join([d] * 5) for d in r["documents"]]) for r in RECORDS]
+    ae = {"id": "ae0", "task": "ae", "question": "", "documents": [RECORDS[0]["documents"][0]]}
+    ae["answer"] = ae["documents"][0]
+    collator = DistillationCollator(model, "answer", text_context_ratio=0.7)
+    assert [collator.reads_text(r) for r in long] == [True, False, False, True]
+    for rec in [*long, ae]:
+        assert collator([rec])["input_ids"].shape[1] == collator.decoder_length(rec)
+    assert min(collator.decoder_length(long[i]) for i in (0, 3)) > max(
+        collator.decoder_length(long[i]) for i in (1, 2)
+    )
+
+    batches: list[list[bool]] = []
+    collate = DistillationCollator.__call__
+
+    def spy(self, records):
+        batches.append([self.reads_text(r) for r in records])
+        return collate(self, records)
+
+    monkeypatch.setattr(DistillationCollator, "__call__", spy)
+    recs = [dict(r, id=f"{r['id']}-{i}") for i in range(16) for r in long]  # half text rows
+    # 64 records in batches of 2: 4 mega-batches of 16 sorted by length, so at most 4 of the
+    # 32 batches mix the two kinds (a random order mixes about half of them)
+    train(model, recs, config=config(tmp_path, max_steps=32, text_context_ratio=0.7))
+    assert len(batches) == 32
+    assert sum(len(set(b)) > 1 for b in batches) <= 4, batches

@@ -159,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         context_distillation=args.context_distillation,
         hidden_distillation=args.hidden_distillation,
         text_context_ratio=args.text_context_ratio,
+        group_by_length=args.group_by_length,
         show_progress=not args.quiet,
     )
     resume: str | bool | None = args.resume
@@ -441,6 +442,13 @@ def add_train_commands(subparsers: Any) -> None:
         metavar="SHARE",
         help="share of QA records the decoder reads as text instead of memories, so that its "
         "adapter keeps reading text well (e.g. 0.2; only records of at most two chunks); 0: none",
+    )
+    tr.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch records whose decoder rows have about the same length (less padding: text "
+        "rows, auto-encoding rows and memory rows do not pad each other); default on",
     )
     tr.add_argument(
         "--resume",

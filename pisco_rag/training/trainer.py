@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..adapters import DECODER, ENCODER, use_adapter
@@ -92,6 +93,10 @@ class TrainConfig:
     hidden_distillation: float = 0.0
     # this share of QA records is read as text by the decoder adapter, so it keeps reading text
     text_context_ratio: float = 0.0
+    # batches of records whose decoder rows have about the same length (transformers'
+    # LengthGroupedSampler): text rows and memory rows, or auto-encoding and QA rows, do not
+    # pad each other
+    group_by_length: bool = True
     show_progress: bool = True
     extra_args: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
@@ -170,17 +175,45 @@ class DistillationCollator:
         tail = [tok.convert_tokens_to_ids("<AE>")] if task == "ae" else []
         return [tok.bos_token_id, *slots, *tail]
 
-    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _row(self, rec: dict[str, Any]) -> tuple[list[tuple[int, str]], bool, list[int], list[int]]:
+        """One record's chunks ``(document index, text)`` for the compressor, whether the
+        decoder reads it as text, and its decoder prompt and target token ids."""
         model, tok = self.model, self.model.tokenizer
+        task = record_task(rec)
+        chunks = [(d, c) for d, doc in enumerate(rec["documents"]) for c in model.chunk(doc)]
+        as_text = task == "qa" and len(chunks) <= 2 and self.reads_text(rec)
+        if as_text:
+            chunks = []
+            prompt = self.text_prompt_ids(rec["question"], rec["documents"])
+            limit = self.max_answer_tokens
+        elif task == "qa":
+            prompt = self.prompt_ids(rec["question"], len(chunks))
+            limit = self.max_answer_tokens
+        else:
+            prompt = self.pretraining_prompt_ids(task, len(chunks))
+            limit = model.config.doc_max_length
+        answer: list[int] = []
+        field_name = self.target_field if task == "qa" else "answer"
+        if field_name is not None:
+            target = training_target(rec, field_name)
+            if target is None:
+                raise PiscoInputError(f"record {rec.get('id')!r} has no {field_name!r} to learn")
+            answer = [*text_ids(tok, target)[:limit], tok.eos_token_id]
+        return chunks, as_text, prompt, answer
+
+    def decoder_length(self, rec: dict[str, Any]) -> int:
+        """Length of the record's decoder row (prompt and target): what batches are grouped by,
+        so that memory rows and long text rows do not pad each other."""
+        _, _, prompt, answer = self._row(rec)
+        return len(prompt) + len(answer)
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tok = self.model.tokenizer
         texts, queries, chunk_doc, rows = [], [], [], []
         scores, score_mask, n_docs = [], [], 0
         teacher_rows: list[list[int]] = []
         for rec in records:
-            task = record_task(rec)
-            chunks = [(d, c) for d, doc in enumerate(rec["documents"]) for c in model.chunk(doc)]
-            as_text = task == "qa" and len(chunks) <= 2 and self.reads_text(rec)
-            if as_text:
-                chunks = []
+            chunks, as_text, prompt, answer = self._row(rec)
             texts += [c for _, c in chunks]
             queries += [rec["question"]] * len(chunks)
             chunk_doc += [n_docs + d for d, _ in chunks]
@@ -188,27 +221,9 @@ class DistillationCollator:
             scores += [float(s) for s in teacher] if teacher else [0.0] * len(rec["documents"])
             score_mask += [teacher is not None and not as_text] * len(rec["documents"])
             n_docs += len(rec["documents"])
-            if as_text:
-                prompt = self.text_prompt_ids(rec["question"], rec["documents"])
-                limit = self.max_answer_tokens
-            elif task == "qa":
-                prompt = self.prompt_ids(rec["question"], len(chunks))
-                limit = self.max_answer_tokens
-            else:
-                prompt = self.pretraining_prompt_ids(task, len(chunks))
-                limit = model.config.doc_max_length
-            answer: list[int] = []
-            field_name = self.target_field if task == "qa" else "answer"
-            if field_name is not None:
-                target = training_target(rec, field_name)
-                if target is None:
-                    raise PiscoInputError(
-                        f"record {rec.get('id')!r} has no {field_name!r} to learn"
-                    )
-                answer = [*text_ids(tok, target)[:limit], tok.eos_token_id]
             rows.append((prompt, answer))
             if self.text_teacher:
-                distil = task == "qa" and not as_text
+                distil = record_task(rec) == "qa" and not as_text
                 text = self.text_prompt_ids(rec["question"], rec["documents"]) if distil else []
                 teacher_rows.append(text + answer if text else [])
         batch = self._compressor_inputs(texts, queries) if texts else {}
@@ -818,6 +833,10 @@ def train(
         text_context_ratio=config.text_context_ratio,
     )
     eval_collator = DistillationCollator(model, eval_target, config.max_answer_tokens)
+    if config.group_by_length:  # the sampler groups evaluation batches too
+        train_ds = _with_lengths(train_ds, collator, config.show_progress)
+        if eval_ds is not None:
+            eval_ds = _with_lengths(eval_ds, eval_collator, config.show_progress)
     bf16 = _default_bf16() if config.bf16 is None else config.bf16
     has_eval = eval_ds is not None
     args = TrainingArguments(
@@ -842,6 +861,7 @@ def train(
         seed=config.seed,
         dataloader_num_workers=config.dataloader_num_workers,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=not config.show_progress,
@@ -898,6 +918,14 @@ def train(
         "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
         "log_history": history,
     }
+
+
+def _with_lengths(ds: Any, collator: DistillationCollator, show_progress: bool) -> Any:
+    """``ds`` with a ``length`` column (decoder row lengths) for the length-grouped sampler."""
+    if "length" in ds.column_names:
+        ds = ds.remove_columns("length")
+    rows = tqdm(ds, desc="decoder row lengths", disable=not show_progress, leave=False)
+    return ds.add_column("length", [collator.decoder_length(r) for r in rows])
 
 
 def _eval_loader(trainer: PiscoTrainer, collator: DistillationCollator):
