@@ -19,16 +19,20 @@ PASSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def retriever_model() -> PiscoModel:
-    model = tiny_pisco(seed=3)
+def with_retriever(model: PiscoModel) -> PiscoModel:
+    """``model`` with a trained-looking retriever adapter (B != 0)."""
     model.add_retriever()
-    with torch.no_grad():  # a trained-looking retriever: B != 0
+    with torch.no_grad():
         for name, p in model.model.named_parameters():
             if f"lora_B.{RETRIEVER}" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     model.refresh_fingerprint()
     return model
+
+
+@pytest.fixture(scope="module")
+def retriever_model() -> PiscoModel:
+    return with_retriever(tiny_pisco(seed=3))
 
 
 def test_embeddings_are_normalised_deterministic_and_batch_invariant(retriever_model):
@@ -276,6 +280,38 @@ def test_train_retriever_moves_only_the_retriever(tmp_path):
         train_retriever(
             model, [dict(records[0], retrieval_scores=None)], RetrieverConfig(str(tmp_path))
         )
+
+
+def test_generation_training_keeps_the_retriever_frozen(tmp_path):
+    """The second stage (Invar-RAG's generation fine-tuning): training the reader leaves the
+    retriever adapter, and so the embeddings, exactly as they were."""
+    from pisco_rag.training.trainer import TrainConfig, train
+
+    model = with_retriever(tiny_pisco(seed=8))
+    queries_before = model.embed_queries(["Which river?"], show_progress=False)
+    passages_before = model.embed_documents(PASSAGES, show_progress=False)
+    decoder_before = {
+        n: p.detach().clone() for n, p in model.model.named_parameters() if f"lora_B.{DECODER}" in n
+    }
+    records = [dict(r, answer=r["documents"][0]) for r in retriever_records()]
+    train(
+        model,
+        records,
+        config=TrainConfig(
+            str(tmp_path), max_steps=2, batch_size=3, decoder_lr=1e-2, show_progress=False
+        ),
+    )
+    assert any(
+        not torch.equal(p, decoder_before[n])
+        for n, p in model.model.named_parameters()
+        if n in decoder_before
+    )  # the reader moved
+    torch.testing.assert_close(
+        model.embed_queries(["Which river?"], show_progress=False), queries_before, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        model.embed_documents(PASSAGES, show_progress=False), passages_before, rtol=0, atol=0
+    )
 
 
 def test_retriever_training_resumes_where_it_stopped(tmp_path):
