@@ -132,6 +132,8 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
         return h.hexdigest()[:16]
 
     def info(self) -> dict[str, Any]:
+        """What the model is, in a JSON-ready dict (name, backbone, compressor, fingerprint,
+        device, dtype, memory shape, store): what reports and model cards record."""
         return {
             "name": self.config.name,
             "backbone": self.config.backbone,
