@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from .tokenizing import tokenize
+
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """Tokens of ``text`` as the compressor reads it: special-token strings count as text."""
-    return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    ids = tokenize(tokenizer, text, add_special_tokens=False, split_special_tokens=True)
+    return len(ids["input_ids"])
 
 
 def chunk_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[str]:
@@ -17,8 +20,12 @@ def chunk_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -
     word boundaries where one lies in the second half of a window; every chunk is an exact
     (whitespace-stripped) substring of ``text`` and no text is dropped.
     """
-    enc = tokenizer(
-        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    enc = tokenize(
+        tokenizer,
+        text,
+        add_special_tokens=False,
+        split_special_tokens=True,
+        return_offsets_mapping=True,
     )
     offsets = enc["offset_mapping"]
     n = len(offsets)

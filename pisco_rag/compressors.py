@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import checkpoints
+from .tokenizing import tokenize
 from .verbosity import quiet_loading
 
 RERANK_TOKEN = "<RR>"
@@ -88,8 +89,9 @@ class QueryCompressor(nn.Module):
         # split_special_tokens: a document or query that spells <MEM0>, <RR> or <|im_end|> stays
         # text; only the ids appended below are control tokens
         split = {"add_special_tokens": True, "split_special_tokens": True}
-        longest = max(len(ids) for ids in tok(first, second, **split)["input_ids"])
-        enc = tok(
+        longest = max(len(ids) for ids in tokenize(tok, first, second, **split)["input_ids"])
+        enc = tokenize(
+            tok,
             first,
             second,
             return_tensors="pt",

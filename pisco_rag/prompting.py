@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from .errors import DocumentTooLongError, PiscoInputError
 from .memory import Memory
 from .tags import LOOSE_TAG_PATTERN, TAG_PATTERN
+from .tokenizing import tokenize
 
 logger = logging.getLogger(__name__)
 Segment = Union[str, Memory]  # noqa: UP007 (runtime alias)
@@ -135,19 +136,21 @@ class PromptRenderer:
         unsafe = any(r in t for t in texts for r in self._reserved)
         if not unsafe:  # common case: tokenise the whole prompt at once, exactly as reference code
             full = _SENTINEL.sub(lambda m: texts[int(m.group(1))], rendered)
-            return tok(full, add_special_tokens=False)["input_ids"]
+            return tokenize(tok, full, add_special_tokens=False)["input_ids"]
         # Some text contains special-token strings (say "<MEM0>" or "<|im_end|>"): tokenise
         # text pieces with special tokens split, so text can never become a slot or a turn end.
         ids: list[int] = []
         pos = 0
         for m in _SENTINEL.finditer(rendered):
             if m.start() > pos:
-                ids += tok(rendered[pos : m.start()], add_special_tokens=False)["input_ids"]
+                ids += tokenize(tok, rendered[pos : m.start()], add_special_tokens=False)[
+                    "input_ids"
+                ]
             piece = texts[int(m.group(1))]
             ids += text_ids(tok, piece)
             pos = m.end()
         if pos < len(rendered):
-            ids += tok(rendered[pos:], add_special_tokens=False)["input_ids"]
+            ids += tokenize(tok, rendered[pos:], add_special_tokens=False)["input_ids"]
         return ids
 
 
@@ -194,7 +197,9 @@ def check_encodable(text: str, where: str) -> str:
 def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of document or query text, special-token strings included as plain text (a
     document that spells ``<MEM0>`` or ``<|im_end|>`` never becomes a control token)."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tokenize(tokenizer, text, add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"
+    ]
 
 
 def pisco_encoder_inputs(

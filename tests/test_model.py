@@ -159,6 +159,37 @@ def test_concurrent_calls_do_not_mix_adapters(tiny_model):
     assert all(a == expected_ans for a in results["ans"])
 
 
+def test_threads_tokenise_prompts_and_documents_with_their_own_settings(tiny_model):
+    """A fast tokenizer's split_special_tokens is state that every call sets: a document read
+    with special-token strings split and a prompt whose slots must stay slots, tokenised at
+    once from several threads, each come out as they do alone (this failed ~4% of the time
+    before every call took the tokenizer lock)."""
+    from pisco_rag.prompting import text_ids
+
+    renderer, tok = tiny_model.renderer, tiny_model.tokenizer
+    turns = renderer.pisco_turns(
+        QUESTION, ["a passage that spells <MEM0>"], tiny_model.config.system_prompt
+    )
+    prompt = renderer.render(turns).input_ids
+    document = "A passage that spells <MEM0> and <|im_end|>. " * 20
+    document_ids = text_ids(tok, document)
+    assert document_ids != tok(document, add_special_tokens=False)["input_ids"]
+    wrong: list[str] = []
+
+    def read_documents():
+        wrong.extend("document" for _ in range(200) if text_ids(tok, document) != document_ids)
+
+    def render_prompts():
+        wrong.extend("prompt" for _ in range(200) if renderer.render(turns).input_ids != prompt)
+
+    threads = [threading.Thread(target=f) for f in (read_documents, render_prompts) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
 def test_untrained_model_fingerprint_is_deterministic():
     a = PiscoModel.from_backbone(tiny_backbone("llama")[0], tiny_backbone("llama")[1], seed=3)
     b = PiscoModel.from_backbone(tiny_backbone("llama")[0], tiny_backbone("llama")[1], seed=3)
