@@ -469,9 +469,9 @@ def test_overfit_check_answers_come_from_the_memories(tmp_path):
             decoder_lr=1e-3,
             compressor_lr=1e-3,
             warmup_ratio=0.0,
-            # every batch holds all 4 records either way; the random sampler's row order is
-            # the one this 40-step recipe was tuned with (with the length-grouped order it
-            # diverged once: Match 0.25), see the session-7 closing note
+            # every batch holds all 4 records either way; this 40-step recipe was tuned with the
+            # random sampler's row order (with the length-grouped order it diverged once:
+            # Match 0.25)
             group_by_length=False,
         ),
     )
