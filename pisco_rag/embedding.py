@@ -89,10 +89,14 @@ def embed(
         check_encodable(t, f"{what}[{i}]")
     check_batch_size(batch_size)
     prefix = model.config.retriever_query_prefix if query else ""
+    # longest first, so that each batch holds texts of similar length (little padding); the
+    # vectors go back to the input order at the end
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = []
     bar = tqdm(total=len(texts), desc=f"embedding {what}", disable=not show_progress)
     for start in range(0, len(texts), batch_size):
-        ids, mask = encode_for_retrieval(model, texts[start : start + batch_size], prefix)
+        batch = [texts[i] for i in order[start : start + batch_size]]
+        ids, mask = encode_for_retrieval(model, batch, prefix)
         with model._lock:
             try:
                 hidden = retrieval_hidden(model, ids, mask)
@@ -103,4 +107,6 @@ def embed(
     bar.close()
     if not out:
         return torch.empty(0, model.hidden_size)
-    return torch.cat(out)
+    vectors = torch.empty(len(texts), out[0].shape[-1])
+    vectors[order] = torch.cat(out)
+    return vectors

@@ -41,6 +41,9 @@ def test_embeddings_are_normalised_deterministic_and_batch_invariant(retriever_m
     torch.testing.assert_close(docs.norm(dim=-1), torch.ones(3))
     one_by_one = torch.cat([retriever_model.embed_documents([p]) for p in PASSAGES])
     torch.testing.assert_close(docs, one_by_one, atol=1e-5, rtol=1e-5)
+    # batches are formed by length; the vectors still come back in the order given
+    reordered = retriever_model.embed_documents(PASSAGES[::-1], batch_size=2)
+    torch.testing.assert_close(reordered, docs.flip(0), atol=1e-5, rtol=1e-5)
     queries = retriever_model.embed_queries(["Which river?"])
     # the query prefix makes a question embed differently from the same text as a passage
     assert not torch.allclose(queries, retriever_model.embed_documents(["Which river?"]))
