@@ -10,8 +10,8 @@ Three terms, on records with a question, candidate passages (``documents``), the
   of the batch (in-batch and retrieved hard negatives) as negatives;
 - **invariance**: the question and a perturbation of it that keeps its meaning (word dropout,
   casing, two neighbouring words swapped, an added instruction, fewer candidates) should embed
-  alike and rank the candidates alike: ``1 - cos(q, q')`` plus the symmetric KL between the
-  two ranking distributions.
+  alike and rank the batch's passages alike: ``1 - cos(q, q')`` plus the symmetric KL between
+  the two ranking distributions.
 
 The loss is ``alignment_weight * alignment + contrastive + invariance_weight * invariance``;
 each term is logged. Only the retriever adapter trains; memories and answers do not change.
@@ -171,16 +171,21 @@ def retriever_step_loss(
         teacher.append([float(scores[j]) for j in order])
     device = query.device
     cands = _embed_grad(model, passages, "", config.max_passage_tokens).reshape(len(batch), n, -1)
-    keep = torch.ones(len(batch), n, dtype=torch.bool, device=device)
-    if n > 2:  # fewer candidates for the perturbed query: the ranking must not depend on it
-        keep[:, rng.randrange(2, n) :] = False
+    # invariance ranks every passage of the batch (not only the question's own candidates,
+    # where the gold one takes nearly all the probability): the order of the near misses is
+    # what a perturbation changes in a corpus-wide top-10
+    pool = cands.reshape(1, -1, cands.shape[-1]).expand(len(batch), -1, -1)
+    keep = torch.ones(pool.shape[:2], dtype=torch.bool, device=device)
+    if pool.shape[1] > 2:  # fewer candidates for the perturbed query: the ranking must not
+        dropped = rng.sample(range(pool.shape[1]), rng.randrange(1, pool.shape[1] - 1))
+        keep[:, dropped] = False  # depend on them
     t = config.temperature
     terms = {
         "alignment": alignment_loss(query, cands, torch.tensor(teacher, device=device), t),
         "contrastive": contrastive_loss(
             query, cands.reshape(-1, cands.shape[-1]), torch.tensor(gold, device=device), t
         ),
-        "invariance": invariance_loss(query, perturbed, cands, t, keep),
+        "invariance": invariance_loss(query, perturbed, pool, t, keep),
     }
     terms["loss"] = (
         config.alignment_weight * terms["alignment"]
