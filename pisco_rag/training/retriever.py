@@ -174,18 +174,16 @@ def retriever_step_loss(
     # invariance ranks every passage of the batch (not only the question's own candidates,
     # where the gold one takes nearly all the probability): the order of the near misses is
     # what a perturbation changes in a corpus-wide top-10
-    batch_passages = cands.reshape(1, -1, cands.shape[-1]).expand(len(batch), -1, -1)
-    total = batch_passages.shape[1]
+    flat = cands.reshape(-1, cands.shape[-1])  # every passage of the batch, [b * n, h]
+    total = flat.shape[0]
     keep = torch.ones(len(batch), total, dtype=torch.bool, device=device)
     if total > 2:  # the perturbed query sees fewer passages: its ranking must not depend on them
         keep[:, rng.sample(range(total), rng.randrange(1, total - 1))] = False
     t = config.temperature
     terms = {
         "alignment": alignment_loss(query, cands, torch.tensor(teacher, device=device), t),
-        "contrastive": contrastive_loss(
-            query, cands.reshape(-1, cands.shape[-1]), torch.tensor(gold, device=device), t
-        ),
-        "invariance": invariance_loss(query, perturbed, batch_passages, t, keep),
+        "contrastive": contrastive_loss(query, flat, torch.tensor(gold, device=device), t),
+        "invariance": invariance_loss(query, perturbed, flat.expand(len(batch), -1, -1), t, keep),
     }
     terms["loss"] = (
         config.alignment_weight * terms["alignment"]
