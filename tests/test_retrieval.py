@@ -390,12 +390,15 @@ def test_cli_train_stage_retriever(tmp_path):
         "2",
         "--logging-steps",
         "1",
+        "--max-passage-tokens",
+        "16",
         "--quiet",
         "--device",
         "cpu",
     ]
     assert main(argv) == 0
-    log = json.loads((tmp_path / "run" / "retriever_log.json").read_text())["log"]
-    assert [e["step"] for e in log] == [1, 2]
+    report = json.loads((tmp_path / "run" / "retriever_log.json").read_text())
+    assert [e["step"] for e in report["log"]] == [1, 2]
+    assert report["config"]["max_passage_tokens"] == 16
     model = PiscoModel.from_pretrained(tmp_path / "run" / "final", device="cpu")
     assert model.config.retriever and model.embed_queries(["Which passage?"]).shape[0] == 1

@@ -188,6 +188,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         alignment_weight=args.alignment_weight,
         invariance_weight=args.invariance_weight,
+        max_passage_tokens=args.max_passage_tokens,
         save_steps=args.save_steps,
         resume=args.resume is not None,
         show_progress=not args.quiet,
@@ -389,6 +390,12 @@ def add_train_commands(subparsers: Any) -> None:
         type=float,
         default=1.0,
         help="retriever stage: weight of the invariance term (0: none, the ablation)",
+    )
+    tr.add_argument(
+        "--max-passage-tokens",
+        type=positive_int,
+        default=128,
+        help="retriever stage: passages are cropped to this many tokens for training",
     )
     tr.add_argument(
         "--retriever-pooling",
