@@ -5,24 +5,15 @@ from __future__ import annotations
 import argparse
 
 
-def _int_at_least(value: str, least: int) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: an integer of at least 1."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < least:
-        raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer of at least 1."""
-    return _int_at_least(value, 1)
-
-
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer of at least 0."""
-    return _int_at_least(value, 0)
 
 
 def question_text(value: str) -> str:

@@ -221,27 +221,6 @@ def test_alignment_and_contrastive_terms():
     assert float(right) < 1e-6 < float(wrong)
 
 
-def test_contrastive_term_with_cached_negatives_by_hand():
-    from pisco_rag.training.retriever import NegativeCache, contrastive_loss
-
-    q = torch.tensor([[1.0, 0.0]])
-    passages = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    cached = torch.tensor([[0.6, 0.8]])
-    t = 0.5
-    logits = torch.tensor([1.0, 0.0, 0.6]) / t
-    expected = -(logits[0] - logits.logsumexp(0))
-    got = contrastive_loss(q, passages, torch.tensor([0]), t, cached)
-    torch.testing.assert_close(got, expected)
-    # the cache keeps the last `size` passages and never offers a passage of the batch
-    cache = NegativeCache(3)
-    assert cache.negatives(["a"]) is None
-    cache.push(torch.eye(2), ["a", "b"])
-    cache.push(torch.ones(2, 2), ["c", "d"])
-    assert cache.texts == ["b", "c", "d"] and cache.vectors.shape == (3, 2)
-    torch.testing.assert_close(cache.negatives(["c", "x"]), torch.tensor([[0.0, 1.0], [1, 1]]))
-    NegativeCache(0).push(torch.eye(2), ["a", "b"])  # size 0: in-batch negatives only
-
-
 def test_perturbations_keep_the_words():
     import random
 
@@ -340,17 +319,12 @@ def test_generation_training_keeps_the_retriever_frozen(tmp_path):
 
 def test_retriever_training_resumes_where_it_stopped(tmp_path):
     """Two steps, then a fresh process that resumes to four, ends where four steps in one go
-    end (adapter, optimizer, batch sampling and the negative cache restored); a finished run
-    extends."""
+    end (adapter, optimizer and batch sampling restored); a finished run extends."""
     from pisco_rag.training.retriever import CHECKPOINT_FILE, RetrieverConfig, train_retriever
 
-    # every record its own passages, so the cache holds negatives a batch does not
-    records = [
-        dict(r, documents=[f"{i}: {d}" for d in r["documents"]])
-        for i, r in enumerate(retriever_records())
-    ]
+    records = retriever_records()
 
-    def run(out, steps, resume=False, negative_cache=4):
+    def run(out, steps, resume=False):
         model = tiny_pisco(seed=6, lora_dropout=0.0)
         cfg = RetrieverConfig(
             str(out),
@@ -360,18 +334,12 @@ def test_retriever_training_resumes_where_it_stopped(tmp_path):
             logging_steps=1,
             save_steps=2,
             resume=resume,
-            negative_cache=negative_cache,
             show_progress=False,
         )
         log = train_retriever(model, records, cfg)["log"]
         return model.embed_queries(["Which river?"]), log
 
     straight, straight_log = run(tmp_path / "a", 4)
-    _, uncached_log = run(tmp_path / "c", 4, negative_cache=0)
-    assert uncached_log[0]["loss"] == straight_log[0]["loss"]  # nothing cached before step 1
-    assert [e["contrastive"] for e in uncached_log[1:]] != [
-        e["contrastive"] for e in straight_log[1:]
-    ]
     run(tmp_path / "b", 2)
     assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
     resumed, resumed_log = run(tmp_path / "b", 4, resume=True)
@@ -424,8 +392,6 @@ def test_cli_train_stage_retriever(tmp_path):
         "1",
         "--max-passage-tokens",
         "16",
-        "--negative-cache",
-        "8",
         "--quiet",
         "--device",
         "cpu",
@@ -434,6 +400,5 @@ def test_cli_train_stage_retriever(tmp_path):
     report = json.loads((tmp_path / "run" / "retriever_log.json").read_text())
     assert [e["step"] for e in report["log"]] == [1, 2]
     assert report["config"]["max_passage_tokens"] == 16
-    assert report["config"]["negative_cache"] == 8
     model = PiscoModel.from_pretrained(tmp_path / "run" / "final", device="cpu")
     assert model.config.retriever and model.embed_queries(["Which passage?"]).shape[0] == 1

@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any
 
-from ..cli_types import non_negative_int, positive_int
+from ..cli_types import positive_int
 from ..errors import PiscoError, PiscoInputError
 
 
@@ -189,7 +189,6 @@ def _train_retriever(args: argparse.Namespace) -> int:
         alignment_weight=args.alignment_weight,
         invariance_weight=args.invariance_weight,
         max_passage_tokens=args.max_passage_tokens,
-        negative_cache=args.negative_cache,
         save_steps=args.save_steps,
         resume=args.resume is not None,
         show_progress=not args.quiet,
@@ -397,13 +396,6 @@ def add_train_commands(subparsers: Any) -> None:
         type=positive_int,
         default=128,
         help="retriever stage: passages are cropped to this many tokens for training",
-    )
-    tr.add_argument(
-        "--negative-cache",
-        type=non_negative_int,
-        default=0,
-        help="retriever stage: embeddings of the last N passages trained on serve as extra "
-        "negatives of the contrastive term (0: the batch's passages only)",
     )
     tr.add_argument(
         "--retriever-pooling",

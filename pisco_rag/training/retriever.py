@@ -7,9 +7,7 @@ Three terms, on records with a question, candidate passages (``documents``), the
 - **alignment**: KL(MiniLM's softmax over the candidates || the retriever's), so the LLM's
   similarities start from a good small embedder's;
 - **contrastive**: InfoNCE of the question against its gold passage, with every other passage
-  of the batch (in-batch and retrieved hard negatives) as negatives, and optionally the
-  passages of recent batches (``negative_cache``: their embeddings, kept without gradient, as
-  in cross-batch memory: the adapter moves slowly, so they stay close to what it embeds now);
+  of the batch (in-batch and retrieved hard negatives) as negatives;
 - **invariance**: the question and a perturbation of it that keeps its meaning (word dropout,
   casing, two neighbouring words swapped, an added instruction, fewer candidates) should embed
   alike and rank the batch's passages alike: ``1 - cos(q, q')`` plus the symmetric KL between
@@ -63,51 +61,11 @@ def alignment_loss(
 
 
 def contrastive_loss(
-    query: torch.Tensor,
-    passages: torch.Tensor,
-    gold: torch.Tensor,
-    temperature: float,
-    extra_negatives: torch.Tensor | None = None,
+    query: torch.Tensor, passages: torch.Tensor, gold: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """InfoNCE: ``query[i]`` against every passage of the batch (``passages [m, h]``), the
-    right one being ``passages[gold[i]]``, and against ``extra_negatives [k, h]`` if given."""
-    if extra_negatives is not None and len(extra_negatives):
-        passages = torch.cat([passages, extra_negatives.to(passages)])
+    right one being ``passages[gold[i]]``."""
     return F.cross_entropy(query @ passages.T / temperature, gold)
-
-
-class NegativeCache:
-    """The passage embeddings of the last ``size`` passages trained on (no gradient), extra
-    negatives for the contrastive term; a passage of the current batch is never its own
-    negative."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.vectors: torch.Tensor | None = None
-        self.texts: list[str] = []
-
-    def negatives(self, batch_texts: Sequence[str]) -> torch.Tensor | None:
-        """The cached embeddings of passages that are not in ``batch_texts``."""
-        if self.vectors is None:
-            return None
-        current = set(batch_texts)
-        rows = [i for i, t in enumerate(self.texts) if t not in current]
-        return self.vectors[rows]
-
-    def push(self, vectors: torch.Tensor, texts: Sequence[str]) -> None:
-        """Add a batch's passages; the oldest go once more than ``size`` are held."""
-        if self.size <= 0:
-            return
-        vectors = vectors.detach().float().cpu()
-        stacked = vectors if self.vectors is None else torch.cat([self.vectors, vectors])
-        self.vectors = stacked[-self.size :]
-        self.texts = (self.texts + list(texts))[-self.size :]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"vectors": self.vectors, "texts": list(self.texts)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vectors, self.texts = state["vectors"], list(state["texts"])
 
 
 def invariance_loss(
@@ -164,7 +122,6 @@ class RetrieverConfig:
     logging_steps: int = 10
     max_passage_tokens: int = 128  # passages are cropped to this for training (memory, speed)
     max_candidates: int = 3  # per question: the gold passage and the top retrieved negatives
-    negative_cache: int = 0  # passages of recent batches as extra negatives (0: in-batch only)
     save_steps: int = 50  # the adapter, optimizer and sampling state, for resuming
     resume: bool = False  # go on from output_dir's checkpoint if there is one
     show_progress: bool = True
@@ -192,14 +149,9 @@ def _embed_grad(model, texts: list[str], prefix: str, crop: int | None = None) -
 
 
 def retriever_step_loss(
-    model,
-    batch: Sequence[dict[str, Any]],
-    config: RetrieverConfig,
-    rng: random.Random,
-    cache: NegativeCache | None = None,
+    model, batch: Sequence[dict[str, Any]], config: RetrieverConfig, rng: random.Random
 ) -> dict[str, torch.Tensor]:
-    """The three terms on one batch (the caller holds the model lock); the batch's passages
-    join ``cache`` after its negatives are taken."""
+    """The three terms on one batch (the caller holds the model lock)."""
     prefix = model.config.retriever_query_prefix
     # the same candidate count across the batch
     n = min(config.max_candidates, *(len(r["documents"]) for r in batch))
@@ -228,14 +180,9 @@ def retriever_step_loss(
     if total > 2:  # the perturbed query sees fewer passages: its ranking must not depend on them
         keep[:, rng.sample(range(total), rng.randrange(1, total - 1))] = False
     t = config.temperature
-    negatives = cache.negatives(passages) if cache is not None else None
-    if cache is not None:
-        cache.push(flat, passages)
     terms = {
         "alignment": alignment_loss(query, cands, torch.tensor(teacher, device=device), t),
-        "contrastive": contrastive_loss(
-            query, flat, torch.tensor(gold, device=device), t, negatives
-        ),
+        "contrastive": contrastive_loss(query, flat, torch.tensor(gold, device=device), t),
         "invariance": invariance_loss(query, perturbed, flat.expand(len(batch), -1, -1), t, keep),
     }
     terms["loss"] = (
@@ -249,17 +196,9 @@ def retriever_step_loss(
 CHECKPOINT_FILE = "retriever_checkpoint.pt"
 
 
-def _save_checkpoint(
-    model,
-    optimizer,
-    rng: random.Random,
-    cache: NegativeCache,
-    step: int,
-    log: list,
-    path: Path,
-):
-    """The retriever adapter, the optimizer, the batch sampler, the negative cache and the log
-    after ``step``, written atomically (an interrupted save leaves the previous checkpoint)."""
+def _save_checkpoint(model, optimizer, rng: random.Random, step: int, log: list, path: Path):
+    """The retriever adapter, the optimizer, the batch sampler and the log after ``step``,
+    written atomically (an interrupted save leaves the previous checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -267,7 +206,6 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": rng.getstate(),
         "torch_rng": torch.get_rng_state(),
-        "negative_cache": cache.state_dict(),
         "log": log,
     }
     tmp = path.with_suffix(".tmp")
@@ -275,9 +213,7 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
-def _load_checkpoint(
-    model, optimizer, rng: random.Random, cache: NegativeCache, path: Path
-) -> tuple[int, list]:
+def _load_checkpoint(model, optimizer, rng: random.Random, path: Path) -> tuple[int, list]:
     """Restore a :func:`_save_checkpoint` file; returns (the next step, the log so far)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -292,8 +228,6 @@ def _load_checkpoint(
     version, internal, gauss = state["rng"]
     rng.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch_rng"])
-    if "negative_cache" in state:  # checkpoints before the cache start with an empty one
-        cache.load_state_dict(state["negative_cache"])
     return state["step"] + 1, list(state["log"])
 
 
@@ -311,11 +245,10 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     rng = random.Random(config.seed)
-    cache = NegativeCache(config.negative_cache)
     out = Path(config.output_dir)
     log, parts, first = [], {}, 1
     if config.resume and (out / CHECKPOINT_FILE).is_file():
-        first, log = _load_checkpoint(model, optimizer, rng, cache, out / CHECKPOINT_FILE)
+        first, log = _load_checkpoint(model, optimizer, rng, out / CHECKPOINT_FILE)
         logger.info("retriever training resumes after step %d", first - 1)
     start = time.perf_counter()
     model.model.train()
@@ -328,7 +261,7 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
                     use_adapter(model.model, RETRIEVER)
                     for p in params:  # set_adapter switched the others off; ours stays on
                         p.requires_grad_(True)
-                    terms = retriever_step_loss(model, batch, config, rng, cache)
+                    terms = retriever_step_loss(model, batch, config, rng)
                     terms["loss"].backward()
                 finally:
                     use_adapter(model.model, DECODER)
@@ -345,7 +278,7 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
                 logger.info("retriever step %d: %s", step, entry)
                 parts = {}
             if step % config.save_steps == 0 or step == config.max_steps:
-                _save_checkpoint(model, optimizer, rng, cache, step, log, out / CHECKPOINT_FILE)
+                _save_checkpoint(model, optimizer, rng, step, log, out / CHECKPOINT_FILE)
     finally:
         model.model.eval()
         for p in model.model.parameters():
@@ -359,7 +292,6 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
 
 
 __all__ = [
-    "NegativeCache",
     "RetrieverConfig",
     "alignment_loss",
     "contrastive_loss",
