@@ -1,9 +1,12 @@
 """Checkpoint files: resolution (local or hub), the native format, and naver's COCOM format.
 
-Native (what pisco-rag saves): ``config.json`` plus ``adapters.safetensors`` (every LoRA adapter,
-keys prefixed by adapter name) and ``embeddings.safetensors`` (the embedding / output rows that
-differ from the backbone: the added tokens, and any others a checkpoint changed). Base weights
-are referenced by ``config.backbone``, never copied. No pickle.
+Native (what pisco-rag saves): ``config.json`` plus ``adapters.safetensors`` (the reader's LoRA
+adapters, keys prefixed by adapter name), ``retriever.safetensors`` when the model has a
+retriever adapter (its own file, so that retraining the retriever leaves the reader's files
+byte for byte; older checkpoints kept it in ``adapters.safetensors`` and still load) and
+``embeddings.safetensors`` (the embedding / output rows that differ from the backbone: the added
+tokens, and any others a checkpoint changed). Base weights are referenced by
+``config.backbone``, never copied. No pickle.
 
 Naver COCOM (``naver/pisco-*``): ``config.json`` with ``model_type: "COCOM"``,
 ``decoder_first_last_layers.pth`` (full ``embed_tokens``/``lm_head``) and ``adapters.pth``
@@ -24,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import RETRIEVER
 from .defaults import embedded_backbone_dir
 from .errors import CheckpointError
 from .verbosity import quiet_loading
@@ -31,6 +35,7 @@ from .verbosity import quiet_loading
 logger = logging.getLogger(__name__)
 
 NATIVE_FILES = ("config.json", "adapters.safetensors", "embeddings.safetensors")
+RETRIEVER_FILE = "retriever.safetensors"
 NAVER_FILES = ("config.json", "adapters.pth", "decoder_first_last_layers.pth")
 
 
@@ -182,8 +187,17 @@ def save_native(
             directory / "compressor.safetensors",
             metadata={"format": "pt"},
         )
-    flat = {f"{name}.{key}": plain(t) for name, sd in adapters.items() for key, t in sd.items()}
-    save_file(flat, directory / "adapters.safetensors", metadata={"format": "pt"})
+
+    def flat(names: list[str]) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": plain(t) for name in names for key, t in adapters[name].items()}
+
+    reader = [name for name in adapters if name != RETRIEVER]
+    save_file(flat(reader), directory / "adapters.safetensors", metadata={"format": "pt"})
+    retriever = directory / RETRIEVER_FILE
+    if RETRIEVER in adapters:
+        save_file(flat([RETRIEVER]), retriever, metadata={"format": "pt"})
+    elif retriever.exists():  # saved over a checkpoint that had one
+        retriever.unlink()
     save_file(
         {k: plain(v) for k, v in embeddings.items()},
         directory / "embeddings.safetensors",
@@ -197,6 +211,8 @@ def read_native(directory: Path) -> tuple[dict, dict[str, dict], dict[str, torch
     cfg = read_json(directory / "config.json", what="pisco-rag checkpoint")
     try:
         flat = load_file(directory / "adapters.safetensors")
+        if (directory / RETRIEVER_FILE).is_file():
+            flat.update(load_file(directory / RETRIEVER_FILE))
         embeddings = load_file(directory / "embeddings.safetensors")
     except Exception as e:
         raise CheckpointError(f"cannot read the safetensors files in {directory}: {e}") from None

@@ -308,6 +308,28 @@ def test_accelerator_run_script_runs_end_to_end(tmp_path):
     assert json.loads((out / "train_log_k3.json").read_text())
 
 
+def test_retriever_throughput_script_runs(tmp_path):
+    out = tmp_path / "retriever_throughput.json"
+    data = eval_records(tmp_path / "train.jsonl", n=4)
+    recipes = ["one_forward_b4", "length_chunks_b4"]
+    run_script(
+        "benchmarks/retriever_throughput.py",
+        "--tiny",
+        "--train",
+        str(data),
+        "--steps",
+        "1",
+        "--recipes",
+        *recipes,
+        "--out",
+        str(out),
+    )
+    result = json.loads(out.read_text())["recipes"]
+    assert list(result) == recipes
+    assert all(r["timed_steps"] == 1 and r["peak_rss_mib"] > 0 for r in result.values())
+    assert result["one_forward_b4"]["speedup_vs_one_forward_b4"] == 1.0
+
+
 def test_retrieval_script_runs(tmp_path):
     out = tmp_path / "retrieval.json"
     data = eval_records(tmp_path / "eval.jsonl", n=4)

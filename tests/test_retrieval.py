@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_backbone, tiny_pisco
+from safetensors.torch import load_file, save_file
 
 from pisco_rag import PiscoInputError, PiscoModel
 from pisco_rag.adapters import DECODER, RETRIEVER, active_adapters
@@ -73,6 +74,23 @@ def test_retriever_adapter_round_trip_and_the_fingerprint(retriever_model, tmp_p
     torch.testing.assert_close(
         loaded.embed_documents(PASSAGES), retriever_model.embed_documents(PASSAGES)
     )
+    # the retriever has its own file (retraining it leaves the reader's files as they were);
+    # a checkpoint of the earlier layout, with it inside adapters.safetensors, still loads
+    ckpt = tmp_path / "ckpt"
+    reader = load_file(ckpt / "adapters.safetensors")
+    retriever = load_file(ckpt / "retriever.safetensors")
+    assert retriever and all(k.startswith(f"{RETRIEVER}.") for k in retriever)
+    assert not any(k.startswith(f"{RETRIEVER}.") for k in reader)
+    save_file({**reader, **retriever}, ckpt / "adapters.safetensors")
+    (ckpt / "retriever.safetensors").unlink()
+    earlier = PiscoModel.from_pretrained(ckpt, backbone=str(tmp_path / "backbone"), device="cpu")
+    torch.testing.assert_close(
+        earlier.embed_documents(PASSAGES), retriever_model.embed_documents(PASSAGES)
+    )
+    earlier.save_pretrained(ckpt)  # rewritten in the current layout
+    assert (ckpt / "retriever.safetensors").is_file()
+    plain.save_pretrained(ckpt)  # a model without a retriever saved over it: no stale file
+    assert not (ckpt / "retriever.safetensors").exists()
     # an older checkpoint without a retriever still loads, and can get one
     plain.save_pretrained(tmp_path / "old")
     old = PiscoModel.from_pretrained(
@@ -221,6 +239,14 @@ def test_alignment_and_contrastive_terms():
     assert float(right) < 1e-6 < float(wrong)
 
 
+def test_length_chunks_group_texts_of_similar_length():
+    from pisco_rag.training.retriever import length_chunks
+
+    assert length_chunks([100, 10, 250, 12, 90], max_tokens=256) == [[1, 3], [4, 0], [2]]
+    assert length_chunks([300, 5], max_tokens=256) == [[1], [0]]  # one text a pass at least
+    assert length_chunks([8] * 5, max_tokens=10**6) == [[0, 1, 2, 3, 4]]
+
+
 def test_perturbations_keep_the_words():
     import random
 
@@ -349,6 +375,35 @@ def test_retriever_training_resumes_where_it_stopped(tmp_path):
     (tmp_path / "b" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(PiscoInputError, match="delete it to start over"):
         run(tmp_path / "b", 6, resume=True)
+
+
+def test_length_chunks_and_checkpointing_train_the_same_retriever(tmp_path):
+    """Embedding the batch's texts in forward passes of similar length (little padding) and
+    recomputing activations in the backward pass (less memory) give the same steps as one
+    padded forward pass; checkpointing is switched off again afterwards."""
+    from pisco_rag.training.retriever import RetrieverConfig, train_retriever
+
+    results = []
+    for chunk_tokens, checkpointing in ((10**6, False), (1, False), (40, True)):
+        model = tiny_pisco(seed=6, lora_dropout=0.0)
+        cfg = RetrieverConfig(
+            str(tmp_path / f"{chunk_tokens}{checkpointing}"),
+            batch_size=3,  # 9 passages: one forward pass, one a pass, a few a pass
+            max_steps=3,
+            lr=1e-2,
+            logging_steps=1,
+            chunk_tokens=chunk_tokens,
+            gradient_checkpointing=checkpointing,
+            show_progress=False,
+        )
+        log = train_retriever(model, retriever_records(), cfg)["log"]
+        assert not model.model.is_activation_checkpointing
+        results.append((model.embed_queries(["Which river?"]), [e["loss"] for e in log]))
+    (padded, padded_losses), *others = results
+    assert padded_losses[0] != padded_losses[-1]  # it trained
+    for vectors, losses in others:
+        torch.testing.assert_close(vectors, padded, rtol=1e-4, atol=1e-5)
+        assert losses == pytest.approx(padded_losses, rel=1e-3)
 
 
 def test_cli_train_stage_retriever(tmp_path):

@@ -191,6 +191,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
         max_passage_tokens=args.max_passage_tokens,
         save_steps=args.save_steps,
         resume=args.resume is not None,
+        gradient_checkpointing=args.gradient_checkpointing,
         show_progress=not args.quiet,
     )
     records = [dict(r) for r in _records(args.data, args.data_split)]
@@ -419,7 +420,12 @@ def add_train_commands(subparsers: Any) -> None:
         default=None,
         help="bf16 autocast (default: on CUDA with bf16 support)",
     )
-    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: a third more compute, much less "
+        "memory (larger batches); both stages",
+    )
     tr.add_argument(
         "--calibrate-memories",
         action="store_true",

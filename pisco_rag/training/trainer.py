@@ -882,8 +882,8 @@ def train(
     setup = setup_trainable(student, config)
     try:
         if config.gradient_checkpointing:
-            model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         trainer = PiscoTrainer(
             model=student,
@@ -905,7 +905,7 @@ def train(
         student.eval()
         setup.restore()
         if config.gradient_checkpointing:
-            model.model.gradient_checkpointing_disable()
+            model.model.activation_checkpointing_disable()
         use_adapter(model.model, DECODER)
         model.refresh_fingerprint()
     final = Path(config.output_dir) / "final"
