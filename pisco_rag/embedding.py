@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 MAX_TOKENS = 512  # longer texts are cut, with a warning: embed chunks, as retrievers index them
 
 
-def encode_for_retrieval(
+def retrieval_rows(
     model: PiscoModel, texts: Sequence[str], prefix: str, crop: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask of ``prefix + text + eos`` for each text; ``crop`` keeps the
-    first ``crop`` tokens without a warning (training crops passages on purpose)."""
+) -> list[list[int]]:
+    """Token ids of ``prefix + text + eos`` for each text; ``crop`` keeps the first ``crop``
+    tokens without a warning (training crops passages on purpose)."""
     tok = model.tokenizer
     rows = []
     for text in texts:
@@ -45,7 +45,14 @@ def encode_for_retrieval(
             )
             ids = ids[: MAX_TOKENS - 1]
         rows.append([*ids, tok.eos_token_id])
-    return left_pad(rows, tok.pad_token_id)
+    return rows
+
+
+def encode_for_retrieval(
+    model: PiscoModel, texts: Sequence[str], prefix: str, crop: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of :func:`retrieval_rows`."""
+    return left_pad(retrieval_rows(model, texts, prefix, crop), model.tokenizer.pad_token_id)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -36,9 +36,9 @@ from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..adapters import DECODER, RETRIEVER, adapter_state_dict, use_adapter
-from ..embedding import encode_for_retrieval, pool, retrieval_hidden
+from ..embedding import pool, retrieval_hidden, retrieval_rows
 from ..errors import PiscoInputError
-from ..prompting import text_ids
+from ..prompting import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +163,10 @@ def _embed_grad(
 ) -> torch.Tensor:
     """Unit vectors of ``texts`` with gradients, in forward passes of similar-length texts
     (padding a batch of passages to its longest one doubled the compute at 256 tokens)."""
-    lengths = [len(text_ids(model.tokenizer, prefix + t)) + 1 for t in texts]
-    if crop is not None:
-        lengths = [min(n, crop) for n in lengths]
+    rows = retrieval_rows(model, texts, prefix, crop)  # tokenised once
     vectors, order = [], []
-    for chunk in length_chunks(lengths, chunk_tokens):
-        ids, mask = encode_for_retrieval(model, [texts[i] for i in chunk], prefix, crop)
+    for chunk in length_chunks([len(r) for r in rows], chunk_tokens):
+        ids, mask = left_pad([rows[i] for i in chunk], model.tokenizer.pad_token_id)
         hidden = retrieval_hidden(model, ids, mask)
         vectors.append(pool(hidden, mask.to(hidden.device), model.config.retriever_pooling))
         order += chunk
