@@ -103,7 +103,9 @@ def main() -> None:
     result["max_passage_tokens"] = args.max_passage_tokens
     for name in args.recipes:
         argv = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
-        done = subprocess.run(argv, check=True, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"recipe {name} failed:\n{done.stderr}")
         result["recipes"][name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, result["recipes"][name]["seconds_per_step"], "s/step", flush=True)
     base = result["recipes"].get("one_forward_b4")

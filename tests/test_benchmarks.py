@@ -14,7 +14,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def run_script(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-4000:]}"
 
 
 def test_splice_overhead_script_runs(tmp_path):

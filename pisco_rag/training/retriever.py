@@ -306,7 +306,7 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
             if step % config.logging_steps == 0 or step == config.max_steps:
                 entry = {k: round(sum(v) / len(v), 4) for k, v in parts.items()}
                 log.append(
-                    {"step": step, "seconds": round(time.perf_counter() - start, 1), **entry}
+                    {"step": step, "seconds": round(time.perf_counter() - start, 3), **entry}
                 )
                 logger.info("retriever step %d: %s", step, entry)
                 parts = {}
