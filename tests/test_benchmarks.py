@@ -343,3 +343,34 @@ def test_retrieval_script_runs(tmp_path):
     for r in result["retrievers"].values():
         assert 0.0 <= r["metrics"]["recall@1"] <= r["metrics"]["recall@5"] <= 1.0
         assert 0.0 <= r["top10_jaccard_under_perturbation"] <= 1.0
+
+
+def test_memory_readability_script_runs(tmp_path):
+    out = tmp_path / "readability.json"
+    data = eval_records(tmp_path / "eval.jsonl", n=4)
+    run_script(
+        "benchmarks/memory_readability.py",
+        "--tiny",
+        "--train",
+        str(data),
+        "--eval",
+        str(data),
+        "--anchor-steps",
+        "2",
+        "--out",
+        str(out),
+    )
+    result = json.loads(out.read_text())
+    assert result["questions"] == 4
+    expected = {"compressor", "compressor_after_anchor", "oracle_segment_sum"}
+    assert expected | {"oracle_segment_mean", "oracle_segment_mean_rescaled"} == set(
+        result["memories"]
+    )
+    for d in result["memories"].values():
+        diff = d["nll_memories"] - d["nll_shuffled_memories"]
+        assert abs(d["own_minus_shuffled"] - diff) < 1e-3
+    # the compressor's memories move when it is anchored; the oracles use no compressor
+    before, after = result["memories"]["compressor"], result["memories"]["compressor_after_anchor"]
+    assert before["nll_memories"] != after["nll_memories"]
+    assert before["nll_text"] == after["nll_text"]
+    assert [p["step"] for p in result["anchor"]["curve"]] == [2]
