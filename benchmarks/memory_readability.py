@@ -1,7 +1,7 @@
 """How much of a gold passage can the decoder read from 8 memory vectors before any training?
 
     python benchmarks/memory_readability.py --train train_k5.jsonl --eval eval10.jsonl \
-        [--limit 64] [--anchor-steps 100 --anchor-lr 3e-4] [--tiny]
+        [--limit 64] [--anchor-steps 100 --anchor-lr 3e-4] [--decoder-steps 300] [--tiny]
 
 For the first 128-token chunk of each evaluation question's gold passage, the gold answer's NLL
 (``answer_diagnostics``: with the chunk as text, from memories, from another question's
@@ -17,6 +17,13 @@ their initial state (the plain backbone):
 passage to the decoder. ``--anchor-steps N`` then pretrains the compressor for N steps of 16
 training chunks to regress its memories onto ``oracle_segment_mean_rescaled`` (relative squared
 error, the compressor's parameters only) and measures it again (``compressor_after_anchor``).
+
+``--decoder-steps N`` asks whether training makes the decoder read such memories: a PISCO model
+on the same backbone trains its decoder adapter for N steps of 8 (QA on each training record's
+gold passage, gold answers) with ``oracle_segment_mean_rescaled`` memories in place of its
+encoder's (the trainer's compress step is replaced in this process: a parameter-free
+compressor), then reports the diagnostics at every 100 steps and Match of answers generated from
+the oracle memories, against the plain backbone reading the chunk as text (``decoder``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from _common import RESULTS, environment, load_model, read_eval_records, write
+from _common import RESULTS, environment, load_model, read_eval_records, tiny_backbone, write
 
 ORACLES = ("oracle_segment_mean", "oracle_segment_mean_rescaled", "oracle_segment_sum")
 
@@ -112,6 +120,83 @@ def anchor(model, chunks: list[str], steps: int, lr: float, batch: int = 16) -> 
     return curve
 
 
+def match_rate(predictions: list[str], records: list[dict]) -> float:
+    from pisco_rag.evaluation.metrics import match
+
+    return round(sum(match(p, r["answer"]) for p, r in zip(predictions, records)) / len(records), 4)
+
+
+def new_pisco_model(tiny: bool):
+    """An untrained PISCO model on SmolLM2-135M (or the tiny random backbone)."""
+    from pisco_rag import PiscoModel
+    from pisco_rag.defaults import DEFAULT_BACKBONE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tiny:
+            return PiscoModel.from_backbone(*tiny_backbone(), device="cpu")
+        return PiscoModel.from_backbone(DEFAULT_BACKBONE, device="cpu")
+
+
+def train_decoder_on_oracle(
+    tiny: bool, train_path: str, records: list[dict], steps: int, lr: float, out: str
+) -> dict:
+    """A new PISCO model whose decoder adapter learns to answer from oracle memories."""
+    from pisco_rag.memory import Memory
+    from pisco_rag.training import trainer
+
+    model = new_pisco_model(tiny)
+    tokenizer = model.tokenizer
+    skip = set(model.mem_token_ids) | set(tokenizer.all_special_ids)
+    how = "oracle_segment_mean_rescaled"
+
+    def oracle_compress(self, enc_input_ids, enc_attention_mask):
+        vectors = []
+        for row, mask in zip(enc_input_ids.tolist(), enc_attention_mask.tolist()):
+            text = tokenizer.decode([t for t, m in zip(row, mask) if m and t not in skip])
+            vectors.append(segment_vectors(model, text, how))
+        return torch.stack(vectors), None
+
+    trainer.StudentModule.compress = oracle_compress
+    chunks = [model.chunk(r["documents"][r["gold_index"]])[0] for r in records]
+    questions = [r["question"] for r in records]
+    text_answers = model.generate_from_text(
+        questions, [[c] for c in chunks], adapter="none", max_new_tokens=32
+    )
+    result: dict = {"steps": steps, "lr": lr, "batch_size": 8, "match_text_k1": None, "curve": []}
+    result["match_text_k1"] = match_rate(text_answers, records)
+    done = 0
+    for stop in [*range(100, steps, 100), steps]:
+        config = trainer.TrainConfig(
+            output_dir=out,
+            max_steps=stop - done,
+            batch_size=8,
+            decoder_lr=lr,
+            warmup_ratio=0.05 if done == 0 else 0.0,
+            logging_steps=10,
+            save_steps=10**6,
+            bf16=False,
+            target_field="answer",
+            seed=done,  # another order of the training records for each stretch
+            show_progress=False,
+            extra_args={"lr_scheduler_type": "constant"},
+        )
+        trainer.train(model, train_path, config=config)
+        done = stop
+        point = {"step": done, "examples": 8 * done}
+        point.update(diagnostics(model, records, chunks, how))
+        contexts = [
+            [Memory(segment_vectors(model, c, how), model.fingerprint, key=f"m{i}")]
+            for i, c in enumerate(chunks)
+        ]
+        point["match_memories_k1"] = match_rate(
+            model.generate(questions, contexts, max_new_tokens=32), records
+        )
+        result["curve"].append(point)
+        print("decoder on oracle memories", point, flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", required=True, help="training records (calibration, anchor)")
@@ -119,6 +204,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--anchor-steps", type=int, default=0)
     parser.add_argument("--anchor-lr", type=float, default=3e-4)
+    parser.add_argument("--decoder-steps", type=int, default=0)
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "memory_readability.json"))
     args = parser.parse_args()
@@ -150,6 +237,11 @@ def main() -> None:
         after = diagnostics(model, records, chunks, "compressor_after_anchor")
         result["memories"]["compressor_after_anchor"] = after
         print("compressor_after_anchor", after, flush=True)
+    if args.decoder_steps:
+        with tempfile.TemporaryDirectory() as out:
+            result["decoder_on_oracle"] = train_decoder_on_oracle(
+                args.tiny, args.train, records, args.decoder_steps, args.decoder_lr, out
+            )
     result["environment"] = environment()
     write(result, Path(args.out))
 

@@ -348,14 +348,18 @@ def test_retrieval_script_runs(tmp_path):
 def test_memory_readability_script_runs(tmp_path):
     out = tmp_path / "readability.json"
     data = eval_records(tmp_path / "eval.jsonl", n=4)
+    train = tmp_path / "train.jsonl"
+    train.write_text(data.read_text().replace('"split": "eval"', '"split": "train"'))
     run_script(
         "benchmarks/memory_readability.py",
         "--tiny",
         "--train",
-        str(data),
+        str(train),
         "--eval",
         str(data),
         "--anchor-steps",
+        "2",
+        "--decoder-steps",
         "2",
         "--out",
         str(out),
@@ -366,7 +370,8 @@ def test_memory_readability_script_runs(tmp_path):
     assert expected | {"oracle_segment_mean", "oracle_segment_mean_rescaled"} == set(
         result["memories"]
     )
-    for d in result["memories"].values():
+    curve = result["decoder_on_oracle"]["curve"]
+    for d in [*result["memories"].values(), *curve]:
         diff = d["nll_memories"] - d["nll_shuffled_memories"]
         assert abs(d["own_minus_shuffled"] - diff) < 1e-3
     # the compressor's memories move when it is anchored; the oracles use no compressor
@@ -374,3 +379,7 @@ def test_memory_readability_script_runs(tmp_path):
     assert before["nll_memories"] != after["nll_memories"]
     assert before["nll_text"] == after["nll_text"]
     assert [p["step"] for p in result["anchor"]["curve"]] == [2]
+    # the decoder trained: its no-context NLL moved away from the untrained model's
+    assert [p["examples"] for p in curve] == [16]
+    assert curve[0]["nll_no_context"] != result["memories"]["oracle_segment_mean"]["nll_no_context"]
+    assert 0.0 <= curve[0]["match_memories_k1"] <= 1.0

@@ -337,6 +337,13 @@ class StepRecorder(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+def test_extra_args_override_the_training_arguments_set_by_train(tmp_path):
+    cfg = config(tmp_path, max_steps=3, extra_args={"lr_scheduler_type": "constant"})
+    out = train(pisco(), RECORDS, config=cfg)
+    rates = [float(e["learning_rate"]) for e in out["log_history"] if "learning_rate" in e]
+    assert len(rates) == 3 and rates[1:] == [5e-3, 5e-3]  # linear (the default) would decay
+
+
 def test_resume_continues_from_the_saved_step(tmp_path):
     full = pisco()
     cfg = config(tmp_path, max_steps=4, save_steps=2)

@@ -98,7 +98,8 @@ class TrainConfig:
     # pad each other
     group_by_length: bool = True
     show_progress: bool = True
-    extra_args: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
+    # more TrainingArguments, or other values of those set here (lr_scheduler_type...)
+    extra_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.compressor_tuning not in ("full", "lora"):
@@ -839,7 +840,7 @@ def train(
             eval_ds = _with_lengths(eval_ds, eval_collator, config.show_progress)
     bf16 = _default_bf16() if config.bf16 is None else config.bf16
     has_eval = eval_ds is not None
-    args = TrainingArguments(
+    arguments = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
@@ -866,8 +867,8 @@ def train(
         report_to="none",
         disable_tqdm=not config.show_progress,
         use_cpu=model.device.type == "cpu",
-        **config.extra_args,
     )
+    args = TrainingArguments(**{**arguments, **config.extra_args})  # extra_args override
     answer_eval = None
     if has_eval and config.eval_generate:
         if "answer" not in eval_ds.column_names:
