@@ -106,11 +106,11 @@ def anchor(model, chunks: list[str], steps: int, lr: float, batch: int = 16) -> 
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps:
-            cos = torch.nn.functional.cosine_similarity(memories, target, dim=-1).mean()
+            cos = torch.nn.functional.cosine_similarity(memories.detach(), target, dim=-1).mean()
             curve.append(
                 {
                     "step": step,
-                    "relative_squared_error": round(float(loss), 4),
+                    "relative_squared_error": round(float(loss.detach()), 4),
                     "cosine": round(float(cos), 4),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
