@@ -23,7 +23,7 @@ on the same backbone trains its decoder adapter for N steps of 8 (QA on each tra
 gold passage, gold answers) with ``oracle_segment_mean_rescaled`` memories in place of its
 encoder's (the trainer's compress step is replaced in this process: a parameter-free
 compressor), then reports the diagnostics at every 100 steps and Match of answers generated from
-the oracle memories, against the plain backbone reading the chunk as text (``decoder``).
+the oracle memories, against the plain backbone reading the chunk as text (``match_text_k1``).
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def train_decoder_on_oracle(
     text_answers = model.generate_from_text(
         questions, [[c] for c in chunks], adapter="none", max_new_tokens=32
     )
-    result: dict = {"steps": steps, "lr": lr, "batch_size": 8, "match_text_k1": None, "curve": []}
-    result["match_text_k1"] = match_rate(text_answers, records)
+    match_text = match_rate(text_answers, records)
+    result = {"steps": steps, "lr": lr, "batch_size": 8, "match_text_k1": match_text, "curve": []}
     done = 0
     for stop in [*range(100, steps, 100), steps]:
         config = trainer.TrainConfig(
