@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import embedding
 from .adapters import ENCODER, RETRIEVER, add_adapters, use_adapter
 from .chunking import chunk_text, count_tokens
+from .compressors import token_mean_memories
 from .config import LONG_DOCUMENT_POLICIES, LongDocumentPolicy
 from .errors import DocumentTooLongError, PiscoInputError, RerankingUnavailableError
 from .loading import _lora
@@ -254,6 +255,15 @@ class CompressionMixin:
             naver_truncation=naver_truncation,
         )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if self.config.compressor == "token-mean":
+            memories = token_mean_memories(
+                self._input_embeddings.weight.detach(),
+                input_ids,
+                mask,
+                self.n_mem,
+                set(self.tokenizer.all_special_ids),
+            )
+            return self.standardise_memories(memories), None
         with self._lock:
             use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]

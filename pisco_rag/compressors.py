@@ -1,7 +1,12 @@
-"""OSCAR compressors: query-dependent compression with a network much cheaper than the backbone.
+"""Compressors other than PISCO's encoder adapter: the parameter-free ``token-mean`` one, and
+OSCAR's query-dependent compression with a network much cheaper than the backbone.
 
-Two kinds, both a causal-LM body whose last hidden states at the memory-token positions are the
-memories, plus an optional reranking head:
+``token-mean`` (:func:`token_mean_memories`): memory *i* of a chunk is the mean input
+embedding of its *i*-th segment of ``compression_rate`` tokens, rescaled to the embeddings'
+norm. Nothing to train or run: the decoder adapter learns to read these memories.
+
+OSCAR has two kinds, both a causal-LM body whose last hidden states at the memory-token
+positions are the memories, plus an optional reranking head:
 
 - ``first-layers``: the first N layers of the backbone (final norm removed unless
   ``rms_norm``); input ``"\\nQuery:\\n" + query + "Document:\\n" + document``.
@@ -17,6 +22,7 @@ document's memory does not depend on the rest of its batch, and nothing is ever 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -116,6 +122,32 @@ class QueryCompressor(nn.Module):
             memories = self.connector(memories)
         scores = self.head(hidden[:, -1]).squeeze(-1) if self.head is not None else None
         return memories, scores
+
+
+def token_mean_memories(
+    embeddings: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_mem: int,
+    skip_ids: set[int],
+) -> torch.Tensor:
+    """``[rows, n_mem, hidden]``: memory *i* of a row is the mean of the ``embeddings`` rows of
+    the *i*-th of ``n_mem`` equal segments of its text tokens (padding and ``skip_ids``, the
+    wrapper and memory tokens, left out), rescaled to the mean norm of the embedding rows. A
+    text shorter than ``n_mem`` tokens repeats tokens (every memory holds at least one)."""
+    target_norm = embeddings.norm(dim=-1).mean()
+    skip = torch.tensor(sorted(skip_ids), device=input_ids.device)
+    keep = attention_mask.bool() & ~torch.isin(input_ids, skip)
+    rows = []
+    for ids, kept in zip(input_ids, keep, strict=True):
+        ids = ids[kept]
+        if len(ids) == 0:
+            raise ValueError("token_mean_memories: a row has no text tokens")
+        bounds = [i * len(ids) // n_mem for i in range(n_mem + 1)]
+        means = [embeddings[ids[a : max(b, a + 1)]].mean(0) for a, b in itertools.pairwise(bounds)]
+        rows.append(torch.stack(means))
+    memories = torch.stack(rows)
+    return memories / memories.norm(dim=-1, keepdim=True) * target_norm
 
 
 def first_layers_body(backbone: nn.Module, n_layers: int, rms_norm: bool) -> nn.Module:

@@ -12,6 +12,9 @@ LongDocumentPolicy = Literal["chunk", "truncate", "naver", "error"]
 # Instruction-tuned embedders mark queries so that question and passage embed differently.
 RETRIEVER_QUERY_PREFIX = "Represent this question for retrieving passages that answer it: "
 LONG_DOCUMENT_POLICIES: tuple[str, ...] = ("chunk", "truncate", "naver", "error")
+# pisco: the backbone with an encoder adapter; token-mean: no network, memory i is the mean
+# input embedding of the chunk's i-th segment; first-layers, model: OSCAR compressors
+COMPRESSORS: tuple[str, ...] = ("pisco", "token-mean", "first-layers", "model")
 FORMAT_VERSION = 1
 
 SYSTEM_PROMPT = (
@@ -29,7 +32,7 @@ class PiscoConfig:
     """
 
     backbone: str
-    compressor: Literal["pisco", "first-layers", "model"] = "pisco"
+    compressor: Literal["pisco", "token-mean", "first-layers", "model"] = "pisco"
     compressor_layers: int | None = None  # first-layers: N
     compressor_model: str | None = None  # model: the separate small causal LM (name or path)
     compressor_rms_norm: bool = False  # first-layers: keep the backbone's final norm
@@ -63,15 +66,13 @@ class PiscoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.compressor not in ("pisco", "first-layers", "model"):
-            raise ValueError(
-                f"compressor must be 'pisco', 'first-layers' or 'model', not {self.compressor!r}"
-            )
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, not {self.compressor!r}")
         if self.compressor == "first-layers" and not self.compressor_layers:
             raise ValueError("a first-layers compressor needs compressor_layers (N)")
         if self.compressor == "model" and not self.compressor_model:
             raise ValueError("a 'model' compressor needs compressor_model (a name or path)")
-        if self.compressor == "pisco" and self.rerank_head:
+        if not self.is_oscar and self.rerank_head:
             raise ValueError("a reranking head needs an OSCAR compressor (first-layers or model)")
         if self.doc_max_length % self.compression_rate:
             raise ValueError(
@@ -95,7 +96,7 @@ class PiscoConfig:
     @property
     def is_oscar(self) -> bool:
         """Query-dependent compression with its own compressor (OSCAR), not the backbone."""
-        return self.compressor != "pisco"
+        return self.compressor in ("first-layers", "model")
 
     @property
     def n_mem_tokens(self) -> int:

@@ -69,7 +69,8 @@ class LoadingMixin:
     ) -> PiscoModel:
         """A new, untrained model on any transformers causal LM (name, path or instance).
 
-        ``compressor``: ``"pisco"`` (the backbone with an encoder adapter), ``"first-layers:N"``
+        ``compressor``: ``"pisco"`` (the backbone with an encoder adapter), ``"token-mean"`` (no
+        network: segment means of the chunk's token embeddings), ``"first-layers:N"``
         (OSCAR: a copy of the backbone's first N layers) or the name/path of a separate small
         causal LM (OSCAR, with a Linear-ReLU-Linear connector of width ``connector_hidden``,
         default 4x the decoder's hidden size). ``rerank_head`` adds the reranking token and
@@ -273,8 +274,9 @@ def _prepare_backbone(model: PreTrainedModel, tokenizer, config: PiscoConfig) ->
 
 
 def _adapter_names(config: PiscoConfig) -> tuple[str, ...]:
-    """OSCAR decoders carry only the decoder adapter; PISCO both; a retriever adds its own."""
-    names = (DECODER,) if config.is_oscar else (DECODER, ENCODER)
+    """PISCO models carry an encoder and a decoder adapter, the others (OSCAR, token-mean)
+    only the decoder's; a retriever adds its own."""
+    names = (DECODER, ENCODER) if config.compressor == "pisco" else (DECODER,)
     return (*names, RETRIEVER) if config.retriever else names
 
 
@@ -282,6 +284,8 @@ def _compressor_fields(spec: str, connector_hidden: int | None, decoder_hidden: 
     """PiscoConfig fields for a ``from_backbone(compressor=...)`` string."""
     if spec == "pisco":
         return {}
+    if spec == "token-mean":
+        return {"compressor": "token-mean"}
     if spec.startswith("first-layers:"):
         try:
             n = int(spec.split(":", 1)[1])

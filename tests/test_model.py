@@ -12,7 +12,7 @@ import torch
 from conftest import ARCHITECTURES, LONG_TEXT, randomize_lora, tiny_backbone, tiny_pisco
 
 from pisco_rag import DocumentTooLongError, PiscoInputError, PiscoModel
-from pisco_rag.adapters import active_adapters
+from pisco_rag.adapters import ENCODER, active_adapters
 from pisco_rag.chunking import count_tokens
 
 QUESTION = "Which river flows through the city?"
@@ -383,3 +383,78 @@ def test_memory_shift_without_gain_is_refused():
 
     with pytest.raises(ValueError, match="memory_shift and memory_gain"):
         PiscoConfig(backbone="x", memory_shift=[0.0, 1.0])
+
+
+def test_token_mean_memories_are_rescaled_segment_means_and_round_trip(tmp_path):
+    """The parameter-free compressor: memory i is the mean input embedding of the i-th of
+    n_mem segments of the chunk's tokens, at the embeddings' mean norm. The model keeps only
+    the decoder adapter; the trainer's compression is the same; save/load keeps it."""
+    from pisco_rag.training.trainer import DistillationCollator, StudentModule, train
+
+    backbone, tok = tiny_backbone("llama")
+    backbone.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    model = PiscoModel.from_backbone(
+        str(tmp_path / "backbone"), compressor="token-mean", compression_rate=4, device="cpu"
+    )
+    randomize_lora(model)
+    assert model.n_mem == 32 and not model.config.is_oscar
+    text = "The Elbe flows through Hamburg and Dresden before it reaches the North Sea."
+    (memory,) = model.compress([text], use_store=False)
+    table = model._input_embeddings.weight.detach()
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < 32  # a short text: some tokens carry two memories
+    expected = []
+    for i in range(32):
+        a, b = i * len(ids) // 32, (i + 1) * len(ids) // 32
+        vector = table[ids[a : max(a + 1, b)]].mean(0)
+        expected.append(vector / vector.norm() * table.norm(dim=-1).mean())
+    torch.testing.assert_close(memory.vectors, torch.stack(expected))
+    long_memories = model.compress([LONG_TEXT], use_store=False)
+    assert len(long_memories) > 1  # chunked, never truncated
+
+    records = [
+        {
+            "question": f"When was harbour {i} rebuilt?",
+            "documents": [f"Harbour {i}: {1800 + i}."],
+            "answer": str(1800 + i),
+        }
+        for i in range(4)
+    ]
+    batch = DistillationCollator(model, "answer")(records[:2])
+    with torch.no_grad():
+        trained_view, _ = (
+            StudentModule(model)
+            .eval()
+            .compress(batch["enc_input_ids"], batch["enc_attention_mask"])
+        )
+    torch.testing.assert_close(
+        trained_view, model.compress_texts(["Harbour 0: 1800.", "Harbour 1: 1801."])
+    )
+    train(
+        model,
+        records,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        decoder_lr=1e-2,
+        show_progress=False,
+    )
+    (after,) = model.compress([text], use_store=False)  # a new fingerprint, the same vectors
+    torch.testing.assert_close(after.vectors, memory.vectors)
+    memory = after
+    answer = model.generate([QUESTION], [[memory]], max_new_tokens=4)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    adapters = load_file(tmp_path / "ckpt" / "adapters.safetensors")
+    assert adapters and not [k for k in adapters if ENCODER in k]
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.config.compressor == "token-mean" and loaded.fingerprint == model.fingerprint
+    torch.testing.assert_close(loaded.compress([text])[0].vectors, memory.vectors)
+    assert loaded.generate([QUESTION], [[memory]], max_new_tokens=4) == answer
+    with pytest.raises(ValueError, match="reranking head needs an OSCAR"):
+        tiny_pisco("llama", compressor="token-mean", rerank_head=True)
+    with pytest.raises(PiscoInputError, match="queries= needs an OSCAR"):
+        model.compress([text], queries=[QUESTION])

@@ -309,6 +309,8 @@ def test_train_retriever_moves_only_the_retriever(tmp_path):
         train_retriever(
             model, [dict(records[0], retrieval_scores=None)], RetrieverConfig(str(tmp_path))
         )
+    with pytest.raises(PiscoInputError, match="lr_schedule must be one of"):
+        RetrieverConfig(str(tmp_path), lr_schedule="step")
 
 
 def test_generation_training_keeps_the_retriever_frozen(tmp_path):
@@ -343,9 +345,15 @@ def test_generation_training_keeps_the_retriever_frozen(tmp_path):
     )
 
 
-def test_retriever_training_resumes_where_it_stopped(tmp_path):
-    """Two steps, then a fresh process that resumes to four, ends where four steps in one go
-    end (adapter, optimizer and batch sampling restored); a finished run extends."""
+@pytest.mark.parametrize(
+    ("schedule", "rates"),
+    [("constant", [1e-2] * 4), ("linear", [1e-2, 7.5e-3, 5e-3, 2.5e-3])],
+)
+def test_retriever_training_resumes_where_it_stopped(tmp_path, monkeypatch, schedule, rates):
+    """A four-step run interrupted in step 3, resumed by a fresh process, ends where four steps
+    in one go end (adapter, optimizer, batch sampling and learning-rate schedule restored); a
+    finished run extends."""
+    from pisco_rag.training import retriever
     from pisco_rag.training.retriever import CHECKPOINT_FILE, RetrieverConfig, train_retriever
 
     records = retriever_records()
@@ -357,6 +365,7 @@ def test_retriever_training_resumes_where_it_stopped(tmp_path):
             batch_size=2,
             max_steps=steps,
             lr=1e-2,
+            lr_schedule=schedule,
             logging_steps=1,
             save_steps=2,
             resume=resume,
@@ -366,12 +375,27 @@ def test_retriever_training_resumes_where_it_stopped(tmp_path):
         return model.embed_queries(["Which river?"]), log
 
     straight, straight_log = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
-    assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
+    assert [e["lr"] for e in straight_log] == pytest.approx(rates)
+    calls, step_loss = [], retriever.retriever_step_loss
+
+    def interrupted_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step_loss(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(retriever, "retriever_step_loss", interrupted_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b", 4)
+    assert torch.load(tmp_path / "b" / CHECKPOINT_FILE, weights_only=True)["step"] == 2
     resumed, resumed_log = run(tmp_path / "b", 4, resume=True)
     torch.testing.assert_close(resumed, straight)
     assert [e["step"] for e in resumed_log] == [1, 2, 3, 4]
     assert [e["loss"] for e in resumed_log] == [e["loss"] for e in straight_log]
+    assert [e["lr"] for e in resumed_log] == pytest.approx(rates)
+    _, extended_log = run(tmp_path / "b", 5, resume=True)  # a finished run extends
+    assert [e["step"] for e in extended_log] == [1, 2, 3, 4, 5]
     (tmp_path / "b" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(PiscoInputError, match="delete it to start over"):
         run(tmp_path / "b", 6, resume=True)
@@ -447,6 +471,10 @@ def test_cli_train_stage_retriever(tmp_path):
         "1",
         "--max-passage-tokens",
         "16",
+        "--lr-schedule",
+        "linear",
+        "--decoder-lr",
+        "1e-3",
         "--quiet",
         "--device",
         "cpu",
@@ -454,6 +482,7 @@ def test_cli_train_stage_retriever(tmp_path):
     assert main(argv) == 0
     report = json.loads((tmp_path / "run" / "retriever_log.json").read_text())
     assert [e["step"] for e in report["log"]] == [1, 2]
+    assert [e["lr"] for e in report["log"]] == pytest.approx([1e-3, 5e-4])
     assert report["config"]["max_passage_tokens"] == 16
     model = PiscoModel.from_pretrained(tmp_path / "run" / "final", device="cpu")
     assert model.config.retriever and model.embed_queries(["Which passage?"]).shape[0] == 1

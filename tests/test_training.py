@@ -688,3 +688,24 @@ def test_batches_group_rows_of_similar_length(tmp_path, monkeypatch):
     train(model, recs, config=config(tmp_path, max_steps=32, text_context_ratio=0.7))
     assert len(batches) == 32
     assert sum(len(set(b)) > 1 for b in batches) <= 4, batches
+
+
+def test_cli_train_reader_takes_a_learning_rate_schedule(tmp_path):
+    """``pisco-rag train --lr-schedule constant`` reaches the reader's TrainingArguments."""
+    from pisco_rag.cli import main
+
+    backbone, tok = tiny_backbone("llama", 2)
+    backbone.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    write_jsonl([dict(r, split="train") for r in RECORDS], data)
+    argv = ["train", str(data), "--output", str(tmp_path / "run")]
+    argv += ["--from-backbone", str(tmp_path / "base"), "--max-steps", "3", "--batch-size", "2"]
+    argv += ["--logging-steps", "1", "--save-steps", "3"]
+    argv += ["--decoder-lr", "1e-3", "--compressor-lr", "1e-3"]
+    argv += ["--warmup-ratio", "0"]
+    argv += ["--lr-schedule", "constant", "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+    rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    assert rates == pytest.approx([1e-3] * 3)  # linear, the default, would decay

@@ -17,6 +17,9 @@ from .data import (
     write_jsonl,
 )
 
+# learning-rate schedules both training stages take (transformers.get_scheduler names)
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
 # torch-heavy modules load on first use (the command line's help stays instant)
 _LAZY = {
     **dict.fromkeys(
@@ -48,6 +51,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "EVAL_START",
+    "LR_SCHEDULES",
     "CrossEncoderScorer",
     "DistillationCollator",
     "EmbeddingScorer",

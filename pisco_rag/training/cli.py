@@ -14,6 +14,7 @@ from typing import Any
 
 from ..cli_types import positive_int
 from ..errors import PiscoError, PiscoInputError
+from . import LR_SCHEDULES
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
         return PiscoModel.from_backbone(
             args.from_backbone,
             compressor=args.compressor,
+            compression_rate=args.compression_rate,
             rerank_head=args.rerank_head,
             lora_r=args.lora_r,
             device=args.device,
@@ -161,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         text_context_ratio=args.text_context_ratio,
         group_by_length=args.group_by_length,
         show_progress=not args.quiet,
+        extra_args={"lr_scheduler_type": args.lr_schedule} if args.lr_schedule else {},
     )
     resume: str | bool | None = args.resume
     if resume == "latest":
@@ -183,6 +186,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
         output_dir=args.output,
         batch_size=args.batch_size,
         lr=args.decoder_lr,
+        lr_schedule=args.lr_schedule or "constant",
         max_steps=args.max_steps if args.max_steps > 0 else 200,
         seed=args.seed,
         logging_steps=args.logging_steps,
@@ -336,7 +340,14 @@ def add_train_commands(subparsers: Any) -> None:
     tr.add_argument(
         "--compressor",
         default="pisco",
-        help="with --from-backbone: pisco, first-layers:N, or a small LM (OSCAR)",
+        help="with --from-backbone: pisco (an encoder adapter), token-mean (no network: "
+        "segment means of the chunk's token embeddings), first-layers:N, or a small LM (OSCAR)",
+    )
+    tr.add_argument(
+        "--compression-rate",
+        type=positive_int,
+        default=16,
+        help="with --from-backbone: tokens per memory vector (16: 8 memories per 128-token chunk)",
     )
     tr.add_argument(
         "--rerank-head",
@@ -378,6 +389,14 @@ def add_train_commands(subparsers: Any) -> None:
     tr.add_argument("--compressor-lr", type=float, default=1e-4)
     tr.add_argument("--weight-decay", type=float, default=0.1)
     tr.add_argument("--warmup-ratio", type=float, default=0.05)
+    tr.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="learning rate over the run: constant, or linear/cosine decay to zero at the last "
+        "step (default: linear for the reader, after --warmup-ratio; constant for the "
+        "retriever, which has no warmup)",
+    )
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--rerank-weight", type=float, default=0.05)
     tr.add_argument(

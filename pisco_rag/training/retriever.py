@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..adapters import DECODER, RETRIEVER, adapter_state_dict, use_adapter
 from ..embedding import pool, retrieval_hidden, retrieval_rows
 from ..errors import PiscoInputError
 from ..prompting import left_pad
+from . import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +126,21 @@ class RetrieverConfig:
     max_passage_tokens: int = 128  # passages are cropped to this for training (memory, speed)
     max_candidates: int = 3  # per question: the gold passage and the top retrieved negatives
     chunk_tokens: int = 1536  # padded tokens per forward pass, texts grouped by length
+    # learning rate over the run (transformers' schedulers, no warmup): "constant", or
+    # "linear"/"cosine" decay to zero at max_steps
+    lr_schedule: str = "constant"
     save_steps: int = 50  # the adapter, optimizer and sampling state, for resuming
     resume: bool = False  # go on from output_dir's checkpoint if there is one
     # recompute each layer's activations in the backward pass: about a third more compute,
     # a fraction of the memory (larger batches, more in-batch negatives)
     gradient_checkpointing: bool = False
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PiscoInputError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
 
 
 def _check_records(records: Sequence[dict[str, Any]]) -> None:
@@ -260,6 +271,24 @@ def _load_checkpoint(model, optimizer, rng: random.Random, path: Path) -> tuple[
     return state["step"] + 1, list(state["log"])
 
 
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: RetrieverConfig, done: int):
+    """``config.lr_schedule`` over ``config.max_steps``, already ``done`` steps in. The rate
+    always comes from ``config.lr`` (a resumed run takes a new ``lr`` and schedule), and the
+    schedule is a function of the step, so a resumed run continues it exactly."""
+    from transformers import get_scheduler
+
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = config.lr
+    scheduler = get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=0, num_training_steps=config.max_steps
+    )
+    with warnings.catch_warnings():  # stepping before any optimizer.step(): on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done):
+            scheduler.step()
+    return scheduler
+
+
 def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverConfig) -> dict:
     """Train ``model``'s retriever adapter (added if missing) on ``records``; saves the model
     to ``output_dir/final`` and the log to ``output_dir/retriever_log.json``."""
@@ -279,6 +308,7 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
     if config.resume and (out / CHECKPOINT_FILE).is_file():
         first, log = _load_checkpoint(model, optimizer, rng, out / CHECKPOINT_FILE)
         logger.info("retriever training resumes after step %d", first - 1)
+    scheduler = _lr_scheduler(optimizer, config, done=first - 1)
     start = time.perf_counter()
     model.model.train()
     if config.gradient_checkpointing:
@@ -300,13 +330,20 @@ def train_retriever(model, records: Sequence[dict[str, Any]], config: RetrieverC
                     use_adapter(model.model, DECODER)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's rate
+            scheduler.step()
             optimizer.zero_grad()
             for k, v in terms.items():
                 parts.setdefault(k, []).append(float(v.detach()))
             if step % config.logging_steps == 0 or step == config.max_steps:
                 entry = {k: round(sum(v) / len(v), 4) for k, v in parts.items()}
                 log.append(
-                    {"step": step, "seconds": round(time.perf_counter() - start, 3), **entry}
+                    {
+                        "step": step,
+                        "seconds": round(time.perf_counter() - start, 3),
+                        "lr": float(f"{lr:.4g}"),
+                        **entry,
+                    }
                 )
                 logger.info("retriever step %d: %s", step, entry)
                 parts = {}
