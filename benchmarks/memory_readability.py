@@ -1,7 +1,8 @@
 """How much of a gold passage can the decoder read from 8 memory vectors before any training?
 
     python benchmarks/memory_readability.py --train train_k5.jsonl --eval eval10.jsonl \
-        [--limit 64] [--anchor-steps 100 --anchor-lr 3e-4] [--decoder-steps 300] [--tiny]
+        [--limit 64] [--anchor-steps 100 --anchor-lr 3e-4] [--decoder-steps 300] [--tiny] \
+        [--compression-rate 4 --decoder-only]
 
 For the first 128-token chunk of each evaluation question's gold passage, the gold answer's NLL
 (``answer_diagnostics``: with the chunk as text, from memories, from another question's
@@ -19,11 +20,15 @@ training chunks to regress its memories onto ``oracle_segment_mean_rescaled`` (r
 error, the compressor's parameters only) and measures it again (``compressor_after_anchor``).
 
 ``--decoder-steps N`` asks whether training makes the decoder read such memories: a PISCO model
-on the same backbone trains its decoder adapter for N steps of 8 (QA on each training record's
-gold passage, gold answers) with ``oracle_segment_mean_rescaled`` memories in place of its
-encoder's (the trainer's compress step is replaced in this process: a parameter-free
-compressor), then reports the diagnostics at every 100 steps and Match of answers generated from
-the oracle memories, against the plain backbone reading the chunk as text (``match_text_k1``).
+on the same backbone (``--compression-rate`` tokens per memory, 16 by default) trains its
+decoder adapter for N steps of 8 (QA on the ``--train`` records with all their passages, gold
+answers: ``train_k1.jsonl`` holds the gold passage alone, ``train_k5.jsonl`` four distractors
+too) with ``oracle_segment_mean_rescaled`` memories in place of its encoder's (the trainer's
+compress step is replaced in this process: a parameter-free compressor), then reports the
+diagnostics at every 100 steps and Match of answers generated from the oracle memories,
+against the plain backbone reading the chunk as text (``match_text_k1``).
+``--decoder-only`` skips the measurements before it. The core's ``token-mean`` compressor
+computes these oracle memories for any model (``compressor="token-mean"``).
 """
 
 from __future__ import annotations
@@ -127,27 +132,32 @@ def match_rate(predictions: list[str], records: list[dict]) -> float:
     return round(answer_metrics(predictions, [r["answer"] for r in records])["match"], 4)
 
 
-def new_pisco_model(tiny: bool):
+def new_pisco_model(tiny: bool, compression_rate: int = 16):
     """An untrained PISCO model on SmolLM2-135M (or the tiny random backbone)."""
     from pisco_rag import PiscoModel
     from pisco_rag.defaults import DEFAULT_BACKBONE
 
+    backbone = tiny_backbone() if tiny else (DEFAULT_BACKBONE,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if tiny:
-            return PiscoModel.from_backbone(*tiny_backbone(), device="cpu")
-        return PiscoModel.from_backbone(DEFAULT_BACKBONE, device="cpu")
+        return PiscoModel.from_backbone(*backbone, device="cpu", compression_rate=compression_rate)
 
 
 def train_decoder_on_oracle(
-    tiny: bool, train_path: str, records: list[dict], steps: int, lr: float, out: str
+    tiny: bool,
+    train_path: str,
+    records: list[dict],
+    steps: int,
+    lr: float,
+    out: str,
+    compression_rate: int = 16,
 ) -> dict:
     """A new PISCO model whose decoder adapter learns to answer from oracle memories (the
     trainer's compress step replaced by the oracle while it trains)."""
     from pisco_rag.memory import Memory
     from pisco_rag.training import trainer
 
-    model = new_pisco_model(tiny)
+    model = new_pisco_model(tiny, compression_rate)
     tokenizer = model.tokenizer
     skip = set(model.mem_token_ids) | set(tokenizer.all_special_ids)
     how = "oracle_segment_mean_rescaled"
@@ -165,7 +175,15 @@ def train_decoder_on_oracle(
         questions, [[c] for c in chunks], adapter="none", max_new_tokens=32
     )
     match_text = match_rate(text_answers, records)
-    result = {"steps": steps, "lr": lr, "batch_size": 8, "match_text_k1": match_text, "curve": []}
+    result = {
+        "train": Path(train_path).name,
+        "compression_rate": compression_rate,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": 8,
+        "match_text_k1": match_text,
+        "curve": [],
+    }
     done = 0
     for stop in [*range(100, steps, 100), steps]:
         config = trainer.TrainConfig(
@@ -208,13 +226,45 @@ def main() -> None:
     parser.add_argument("--anchor-lr", type=float, default=3e-4)
     parser.add_argument("--decoder-steps", type=int, default=0)
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--compression-rate",
+        type=int,
+        default=16,
+        help="of the --decoder-steps model: tokens per oracle memory (16: 8 per 128-token chunk)",
+    )
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="only the --decoder-steps run (no untrained-compressor measurements)",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "memory_readability.json"))
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = load_model(args.tiny, "cpu", compressor="first-layers:5")
     records = read_eval_records(args.eval, args.limit)
+    result: dict = {"eval": Path(args.eval).name, "questions": len(records)}
+    if not args.decoder_only:
+        result.update(untrained_measurements(args, records))
+    if args.decoder_steps:
+        with tempfile.TemporaryDirectory() as out:
+            result["decoder_on_oracle"] = train_decoder_on_oracle(
+                args.tiny,
+                args.train,
+                records,
+                args.decoder_steps,
+                args.decoder_lr,
+                out,
+                args.compression_rate,
+            )
+    result["environment"] = environment()
+    write(result, Path(args.out))
+
+
+def untrained_measurements(args: argparse.Namespace, records: list[dict]) -> dict:
+    """The diagnostics of a new OSCAR compressor's memories and of the oracles (and, with
+    ``--anchor-steps``, of the compressor anchored to an oracle)."""
+    model = load_model(args.tiny, "cpu", compressor="first-layers:5")
     with open(args.train) as f:
         train = [json.loads(line) for line in f if line.strip()]
     passages = sorted({d for r in train for d in r["documents"]})
@@ -225,7 +275,7 @@ def main() -> None:
         model.calibrate_memories(train_chunks[:64])
     chunks = [model.chunk(r["documents"][r["gold_index"]])[0] for r in records]
 
-    result: dict = {"eval": Path(args.eval).name, "questions": len(records), "memories": {}}
+    result: dict = {"memories": {}}
     for how in ("compressor", *ORACLES):
         result["memories"][how] = diagnostics(model, records, chunks, how)
         print(how, result["memories"][how], flush=True)
@@ -239,13 +289,7 @@ def main() -> None:
         after = diagnostics(model, records, chunks, "compressor_after_anchor")
         result["memories"]["compressor_after_anchor"] = after
         print("compressor_after_anchor", after, flush=True)
-    if args.decoder_steps:
-        with tempfile.TemporaryDirectory() as out:
-            result["decoder_on_oracle"] = train_decoder_on_oracle(
-                args.tiny, args.train, records, args.decoder_steps, args.decoder_lr, out
-            )
-    result["environment"] = environment()
-    write(result, Path(args.out))
+    return result
 
 
 if __name__ == "__main__":

@@ -256,18 +256,22 @@ class CompressionMixin:
         )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         if self.config.compressor == "token-mean":
-            memories = token_mean_memories(
-                self._input_embeddings.weight.detach(),
-                input_ids,
-                mask,
-                self.n_mem,
-                set(self.tokenizer.all_special_ids),
-            )
-            return self.standardise_memories(memories), None
+            return self._token_mean_memories(input_ids, mask), None
         with self._lock:
             use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
         return self.standardise_memories(hidden[:, -self.n_mem :, :]).detach(), None
+
+    def _token_mean_memories(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The ``token-mean`` compressor's memories of PISCO encoder inputs (standardised)."""
+        memories = token_mean_memories(
+            self._input_embeddings.weight.detach(),
+            input_ids,
+            mask,
+            self.n_mem,
+            set(self.tokenizer.all_special_ids),
+        )
+        return self.standardise_memories(memories)
 
     def standardise_memories(self, memories: torch.Tensor) -> torch.Tensor:
         """The compressor's raw output as the decoder reads it: ``(m - memory_shift) *

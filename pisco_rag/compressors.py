@@ -2,8 +2,9 @@
 OSCAR's query-dependent compression with a network much cheaper than the backbone.
 
 ``token-mean`` (:func:`token_mean_memories`): memory *i* of a chunk is the mean input
-embedding of its *i*-th segment of ``compression_rate`` tokens, rescaled to the embeddings'
-norm. Nothing to train or run: the decoder adapter learns to read these memories.
+embedding of its *i*-th of ``n_mem`` equal segments (``compression_rate`` tokens in a full
+chunk), rescaled to the embeddings' norm. Nothing to train or run: the decoder adapter learns
+to read these memories.
 
 OSCAR has two kinds, both a causal-LM body whose last hidden states at the memory-token
 positions are the memories, plus an optional reranking head:

@@ -350,20 +350,9 @@ def test_memory_readability_script_runs(tmp_path):
     data = eval_records(tmp_path / "eval.jsonl", n=4)
     train = tmp_path / "train.jsonl"
     train.write_text(data.read_text().replace('"split": "eval"', '"split": "train"'))
-    run_script(
-        "benchmarks/memory_readability.py",
-        "--tiny",
-        "--train",
-        str(train),
-        "--eval",
-        str(data),
-        "--anchor-steps",
-        "2",
-        "--decoder-steps",
-        "2",
-        "--out",
-        str(out),
-    )
+    script = ["benchmarks/memory_readability.py", "--tiny", "--train", str(train)]
+    script += ["--eval", str(data), "--out", str(out)]
+    run_script(*script, "--anchor-steps", "2", "--decoder-steps", "2")
     result = json.loads(out.read_text())
     assert result["questions"] == 4
     expected = {"compressor", "compressor_after_anchor", "oracle_segment_sum"}
@@ -383,3 +372,7 @@ def test_memory_readability_script_runs(tmp_path):
     assert [p["examples"] for p in curve] == [16]
     assert curve[0]["nll_no_context"] != result["memories"]["oracle_segment_mean"]["nll_no_context"]
     assert 0.0 <= curve[0]["match_memories_k1"] <= 1.0
+    run_script(*script, "--decoder-only", "--compression-rate", "4", "--decoder-steps", "1")
+    result = json.loads(out.read_text())
+    assert "memories" not in result and result["decoder_on_oracle"]["compression_rate"] == 4
+    assert [p["step"] for p in result["decoder_on_oracle"]["curve"]] == [1]

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..adapters import DECODER, ENCODER, use_adapter
-from ..compressors import token_mean_memories
 from ..errors import PiscoInputError
 from ..memory import Memory
 from ..model import PiscoModel, tail_forward
@@ -316,14 +315,7 @@ class StudentModule(nn.Module):
             memories, scores = self.compressor(enc_input_ids, enc_attention_mask)
             return self.pisco.standardise_memories(memories), scores
         if self.pisco.config.compressor == "token-mean":
-            memories = token_mean_memories(
-                self.backbone.get_input_embeddings().weight.detach(),
-                enc_input_ids,
-                enc_attention_mask,
-                self.pisco.n_mem,
-                set(self.pisco.tokenizer.all_special_ids),
-            )
-            return self.pisco.standardise_memories(memories), None
+            return self.pisco._token_mean_memories(enc_input_ids, enc_attention_mask), None
         use_adapter(self.backbone, ENCODER)
         self._keep_trainable()
         hidden = self.backbone.base_model(
