@@ -29,6 +29,9 @@ SHIPPED_MODELS = {
     "embedded": Path(__file__).parent / "weights" / "pisco-smollm2-135m",
     "embedded-oscar": Path(__file__).parent / "weights" / "oscar-smollm2-135m",
 }
+# What kind of model "embedded" is, so that the untrained fallback (no shipped weights) has the
+# shipped model's compressor and memory shape: token-mean memories, 32 per 128-token chunk.
+EMBEDDED_READER = {"compressor": "token-mean", "compression_rate": 4}
 UNTRAINED_NOTICE = (
     "the embedded default PISCO model is UNTRAINED (no trained adapters ship with this "
     "version): answers read from memories are not meaningful yet. Use text mode "

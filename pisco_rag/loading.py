@@ -22,7 +22,13 @@ from .compressors import (
     strip_adapter_prefix,
 )
 from .config import LongDocumentPolicy, PiscoConfig
-from .defaults import DEFAULT_BACKBONE, SHIPPED_MODELS, UNTRAINED_NOTICE, model_notice
+from .defaults import (
+    DEFAULT_BACKBONE,
+    EMBEDDED_READER,
+    SHIPPED_MODELS,
+    UNTRAINED_NOTICE,
+    model_notice,
+)
 from .errors import CheckpointError, PiscoInputError
 from .stores import MemoryStore
 from .verbosity import quiet_loading, warn_once
@@ -209,7 +215,9 @@ class LoadingMixin:
                 "(docs/training.md) and load its directory"
             )
         warn_once(UNTRAINED_NOTICE, stacklevel=3)
-        model = cls.from_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype, store=store)
+        model = cls.from_backbone(
+            DEFAULT_BACKBONE, device=device, dtype=dtype, store=store, **EMBEDDED_READER
+        )
         model.config.name = "pisco-smollm2-135m (untrained)"
         return model
 

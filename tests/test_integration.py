@@ -56,6 +56,7 @@ def test_without_shipped_weights_the_default_is_untrained(monkeypatch, tmp_path)
         warnings.simplefilter("always")
         model = load_embedded(device="cpu")
     assert model.config.trained is False
+    assert (model.config.compressor, model.n_mem) == ("token-mean", 32)  # the shipped kind
     with pytest.raises(CheckpointError, match="ships no 'embedded-oscar' model"):
         PiscoModel.from_pretrained("embedded-oscar")
 
@@ -163,7 +164,7 @@ def test_cli_ask_compress_and_info(tmp_path, capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (
-        info["memory_shape"] == [8, 576]
+        info["memory_shape"] == [32, 576]
         and info["fingerprint"] == PiscoModel.from_pretrained("embedded", device="cpu").fingerprint
     )
 
