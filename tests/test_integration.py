@@ -75,12 +75,28 @@ def test_embedded_oscar_reranks_and_answers():
     assert isinstance(answer, str)
 
 
-def test_128_token_chunk_gives_8_by_576_memory(smollm):
+def test_128_token_chunk_gives_32_by_576_memory(smollm):
     words = " ".join(f"word{i}" for i in range(200))
     chunk = smollm.chunk(words)[0]
     assert count_tokens(smollm.tokenizer, chunk) <= 128
     memories = smollm.compress([chunk])
-    assert len(memories) == 1 and tuple(memories[0].vectors.shape) == (8, 576)
+    assert len(memories) == 1 and tuple(memories[0].vectors.shape) == (32, 576)
+
+
+def test_embedded_default_answers_from_its_memories(smollm):
+    """The shipped reader names the entity its memories hold (the 16x default it replaced
+    answered name-like strings from any memories: Match 0.00)."""
+    passages = [
+        "The Elbe flows through Dresden and Hamburg into the North Sea.",
+        "Marie Curie won Nobel prizes in physics and chemistry.",
+    ]
+    questions = [
+        "Which river flows through Hamburg?",
+        "Who won Nobel prizes in physics and chemistry?",
+    ]
+    memories = smollm.compress(passages)
+    answers = smollm.generate(questions, [[m] for m in memories], max_new_tokens=12)
+    assert "Elbe" in answers[0] and "Curie" in answers[1]
 
 
 def test_batch_with_0_1_and_7_contexts(smollm):
