@@ -9,7 +9,7 @@ import pytest
 from conftest import randomize_lora, tiny_backbone
 
 from pisco_rag import PiscoInputError, PiscoModel
-from pisco_rag.evaluation.metrics import answer_metrics
+from pisco_rag.evaluation.metrics import answer_metrics, answer_sources
 from pisco_rag.evaluation.runner import (
     evaluate_rag,
     first_stage_ranking,
@@ -70,6 +70,11 @@ def test_text_and_compressed_in_one_report(tiny_model, tmp_path):
         expected = answer_metrics([p[mode] for p in preds], labels)
         assert report[mode]["metrics"] == pytest.approx(expected)
         assert report[mode]["seconds"] >= 0
+        sources = answer_sources(
+            [p[mode] for p in preds], [r["documents"] for r in RECORDS], [0, 1, 0]
+        )
+        assert report[mode]["answer_source"] == pytest.approx(sources)
+        assert sum(sources.values()) == pytest.approx(1.0)
     # each document costs its tokens as text, n_mem + 1 tokens (a memory slot) compressed
     n_docs = sum(len(r["documents"]) for r in RECORDS) / 3
     diff = report["text"]["prompt_tokens_mean"] - report["compressed"]["prompt_tokens_mean"]

@@ -8,6 +8,7 @@ import pytest
 
 from pisco_rag.evaluation import (
     answer_metrics,
+    answer_sources,
     exact_match,
     f1,
     match,
@@ -45,6 +46,23 @@ def test_answer_metrics_means():
     assert result["recall"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="differ in length"):
         answer_metrics(["a"], ["a", "b"])
+
+
+def test_answer_sources_by_hand():
+    docs = ["The Elbe flows through Hamburg.", "Mount Fuji is in Japan."]
+    result = answer_sources(
+        # gold's words; words only in the other document; made up; empty; the lead words
+        # (first three, normalised) of a longer answer that goes on in its own words
+        ["the Elbe!", "Mount Fuji", "Rhine", "", "Elbe flows through, I think"],
+        [docs] * 5,
+        [0, 0, 0, 0, 0],
+    )
+    assert result == pytest.approx(
+        {"in_gold": 2 / 5, "in_other_document": 1 / 5, "in_no_document": 2 / 5}
+    )
+    assert answer_sources(["Mount Fuji"], [docs], [1])["in_gold"] == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        answer_sources(["a"], [docs, docs], [0])
 
 
 def test_ranking_metrics_by_hand():

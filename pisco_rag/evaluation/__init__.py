@@ -2,6 +2,7 @@
 
 from .metrics import (
     answer_metrics,
+    answer_sources,
     exact_match,
     f1,
     match,
@@ -13,6 +14,7 @@ from .metrics import (
 
 __all__ = [
     "answer_metrics",
+    "answer_sources",
     "exact_match",
     "f1",
     "match",

@@ -86,6 +86,37 @@ def answer_metrics(
     }
 
 
+def answer_sources(
+    predictions: Sequence[str],
+    documents: Sequence[Sequence[str]],
+    gold_indices: Sequence[int],
+    lead_words: int = 3,
+) -> dict[str, float]:
+    """Where answers come from: the share of predictions whose leading words (the first
+    ``lead_words`` normalised words) occur in the gold document, only in another of the
+    question's documents, or in none (made up, or mangled). Tells a reader that picks the wrong
+    passage from one that cannot read its passage."""
+    if not (len(predictions) == len(documents) == len(gold_indices)):
+        raise ValueError(
+            f"predictions ({len(predictions)}), documents ({len(documents)}) and gold_indices "
+            f"({len(gold_indices)}) differ in length"
+        )
+    if not predictions:
+        raise ValueError("predictions is empty")
+    counts = Counter()
+    for prediction, docs, gold in zip(predictions, documents, gold_indices, strict=True):
+        lead = " ".join(normalize_answer(prediction).split()[:lead_words])
+        texts = [normalize_answer(d) for d in docs]
+        if lead and lead in texts[gold]:
+            counts["in_gold"] += 1
+        elif lead and any(lead in t for i, t in enumerate(texts) if i != gold):
+            counts["in_other_document"] += 1
+        else:
+            counts["in_no_document"] += 1
+    n = len(predictions)
+    return {k: counts[k] / n for k in ("in_gold", "in_other_document", "in_no_document")}
+
+
 def recall_at_k(ranking: Sequence[int], relevant: Iterable[int], k: int) -> float:
     """Share of the relevant items found in the first ``k`` of ``ranking``."""
     relevant = set(relevant)

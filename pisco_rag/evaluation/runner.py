@@ -12,6 +12,9 @@ with a reranking head, the head's ranking against the first-stage order), as a J
   (a) with the documents as text (the text-RAG reader), (b) from their memories, (c) with no
   context (decoder adapter), and the share of the text's gain that memories recover,
   ``(c - b) / (c - a)``: it moves long before Match does.
+- ``answer_source`` per mode (records with ``gold_index``): the share of answers whose
+  leading words occur in the gold document, only in another document, or in none: a reader
+  that picks the wrong passage versus one that cannot read its passage.
 - ``reranking`` (OSCAR with a head, records with ``gold_index``): recall@k, nDCG@k and MRR of
   the head's scores and of the first-stage order (``retrieval_scores`` when the records have
   them, else their document order); with ``top_n``, also the answers from the top-n documents
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PiscoInputError
 from ..memory import Memory
-from .metrics import answer_metrics, ndcg_at_k, recall_at_k
+from .metrics import answer_metrics, answer_sources, ndcg_at_k, recall_at_k
 
 Mode = Literal["text", "text_decoder", "compressed"]
 MODES = ("text", "text_decoder", "compressed")
@@ -135,6 +138,8 @@ def evaluate_rag(
     questions = [r["question"] for r in records]
     documents = [r["documents"] for r in records]
     labels = [r["answer"] for r in records]
+    gold = [r.get("gold_index") for r in records]
+    has_gold = all(isinstance(g, int) and 0 <= g < len(d) for g, d in zip(gold, documents))
     model.refresh_fingerprint()  # weights may have changed since the fingerprint was cached
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -179,6 +184,8 @@ def evaluate_rag(
                 [_prompt_tokens(model, q, d) for q, d in zip(questions, documents)]
             ),
         }
+        if has_gold:
+            report[mode]["answer_source"] = answer_sources(preds, documents, gold)
 
     contexts: list[list[Memory]] = []
     if "compressed" in modes or top_n is not None or diagnostics:
@@ -221,6 +228,8 @@ def evaluate_rag(
                 [_prompt_tokens(model, q, c) for q, c in zip(questions, contexts)]
             ),
         }
+        if has_gold:
+            report["compressed"]["answer_source"] = answer_sources(preds, documents, gold)
 
     if diagnostics:
         report["diagnostics"] = answer_diagnostics(
@@ -235,8 +244,7 @@ def evaluate_rag(
             scores = [max(m.score for m in ms) for ms in docs]
             reranked.append(sorted(range(len(docs)), key=lambda i, s=scores: (-s[i], i)))
         section: dict[str, Any] = {}
-        gold = [r.get("gold_index") for r in records]
-        if all(g is not None for g in gold):
+        if has_gold:
             section["first_stage"] = ranking_metrics(first, gold, ks)
             section["oscar"] = ranking_metrics(reranked, gold, ks)
         else:
@@ -311,6 +319,13 @@ def summary(report: dict[str, Any]) -> str:
                 f"({report[mode]['seconds']:.1f}s, {report[mode]['prompt_tokens_mean']:.0f} "
                 "prompt tokens)"
             )
+            source = report[mode].get("answer_source")
+            if source:
+                lines.append(
+                    f"  {'':<11} answer's lead words in the gold document {source['in_gold']:.0%}"
+                    f", only in another {source['in_other_document']:.0%}, in none "
+                    f"{source['in_no_document']:.0%}"
+                )
     d = report.get("diagnostics")
     if d:
         lines.append(
