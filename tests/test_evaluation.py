@@ -71,7 +71,10 @@ def test_text_and_compressed_in_one_report(tiny_model, tmp_path):
         assert report[mode]["metrics"] == pytest.approx(expected)
         assert report[mode]["seconds"] >= 0
         sources = answer_sources(
-            [p[mode] for p in preds], [r["documents"] for r in RECORDS], [0, 1, 0]
+            [p[mode] for p in preds],
+            [r["question"] for r in RECORDS],
+            [r["documents"] for r in RECORDS],
+            [0, 1, 0],
         )
         assert report[mode]["answer_source"] == pytest.approx(sources)
         assert sum(sources.values()) == pytest.approx(1.0)

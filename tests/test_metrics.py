@@ -7,6 +7,7 @@ import math
 import pytest
 
 from pisco_rag.evaluation import (
+    answer_lead,
     answer_metrics,
     answer_sources,
     exact_match,
@@ -48,21 +49,30 @@ def test_answer_metrics_means():
         answer_metrics(["a"], ["a", "b"])
 
 
+def test_answer_lead_skips_the_question_and_function_words():
+    question = "What is the real name of Satrupa?"
+    assert answer_lead("The real name of Satrupa is Dwight Yoakam Jr.", question) == "dwight yoakam"
+    assert answer_lead("El-Sisi played him", question, n_words=3) == "elsisi played him"
+    assert answer_lead("It is Satrupa.", question) == ""
+
+
 def test_answer_sources_by_hand():
     docs = ["The Elbe flows through Hamburg.", "Mount Fuji is in Japan."]
+    question = "Which river flows through Hamburg?"
     result = answer_sources(
-        # gold's words; words only in the other document; made up; empty; the lead words
-        # (first three, normalised) of a longer answer that goes on in its own words
-        ["the Elbe!", "Mount Fuji", "Rhine", "", "Elbe flows through, I think"],
+        # gold's words; words only in the other document; made up; empty; a sentence whose
+        # answer words are the gold's
+        ["the Elbe!", "Mount Fuji", "Rhine", "", "It was the Elbe."],
+        [question] * 5,
         [docs] * 5,
         [0, 0, 0, 0, 0],
     )
     assert result == pytest.approx(
         {"in_gold": 2 / 5, "in_other_document": 1 / 5, "in_no_document": 2 / 5}
     )
-    assert answer_sources(["Mount Fuji"], [docs], [1])["in_gold"] == 1.0
+    assert answer_sources(["Mount Fuji"], ["Which mountain?"], [docs], [1])["in_gold"] == 1.0
     with pytest.raises(ValueError, match="differ in length"):
-        answer_sources(["a"], [docs, docs], [0])
+        answer_sources(["a"], ["q"], [docs, docs], [0])
 
 
 def test_ranking_metrics_by_hand():

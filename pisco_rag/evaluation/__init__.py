@@ -1,6 +1,7 @@
 """Evaluation: answer metrics (Bergen-compatible) and reranking metrics."""
 
 from .metrics import (
+    answer_lead,
     answer_metrics,
     answer_sources,
     exact_match,
@@ -13,6 +14,7 @@ from .metrics import (
 )
 
 __all__ = [
+    "answer_lead",
     "answer_metrics",
     "answer_sources",
     "exact_match",

@@ -86,26 +86,52 @@ def answer_metrics(
     }
 
 
+# function words a verbose answer starts with ("It is ...", "He was played by ...")
+_FUNCTION_WORDS = frozenset(
+    (
+        *("is", "was", "are", "were", "be", "been", "by", "of", "in", "on", "at", "to", "for"),
+        *("from", "with", "as", "and", "or", "it", "its", "he", "she", "they", "his", "her"),
+        *("their", "this", "that", "which", "who", "whom", "whose", "what", "when", "where"),
+        *("played", "plays", "named", "called"),
+    )
+)
+
+
+def answer_lead(prediction: str, question: str, n_words: int = 2) -> str:
+    """The answer part of a prediction: up to ``n_words`` normalised words from the first word
+    that is neither in the question nor a function word ("The real name of X is Dwight Yoakam
+    Jr." gives "dwight yoakam"); "" when there is none. A heuristic made for short answers
+    (names, dates): a sentence that starts in its own words is counted as made up."""
+    asked = set(normalize_answer(question).split())
+    words = normalize_answer(prediction).split()
+    for i, word in enumerate(words):
+        if word not in asked and word not in _FUNCTION_WORDS:
+            return " ".join(words[i : i + n_words])
+    return ""
+
+
 def answer_sources(
     predictions: Sequence[str],
+    questions: Sequence[str],
     documents: Sequence[Sequence[str]],
     gold_indices: Sequence[int],
-    lead_words: int = 3,
 ) -> dict[str, float]:
-    """Where answers come from: the share of predictions whose leading words (the first
-    ``lead_words`` normalised words) occur in the gold document, only in another of the
-    question's documents, or in none (made up, or mangled). Tells a reader that picks the wrong
-    passage from one that cannot read its passage."""
-    if not (len(predictions) == len(documents) == len(gold_indices)):
+    """Where answers come from: the share of predictions whose :func:`answer_lead` occurs in
+    the gold document, only in another of the question's documents, or in none (made up or
+    mangled). Tells a reader that picks the wrong passage from one that cannot read its
+    passage."""
+    if not (len(predictions) == len(questions) == len(documents) == len(gold_indices)):
         raise ValueError(
-            f"predictions ({len(predictions)}), documents ({len(documents)}) and gold_indices "
-            f"({len(gold_indices)}) differ in length"
+            f"predictions ({len(predictions)}), questions ({len(questions)}), documents "
+            f"({len(documents)}) and gold_indices ({len(gold_indices)}) differ in length"
         )
     if not predictions:
         raise ValueError("predictions is empty")
-    counts = Counter()
-    for prediction, docs, gold in zip(predictions, documents, gold_indices, strict=True):
-        lead = " ".join(normalize_answer(prediction).split()[:lead_words])
+    counts: Counter[str] = Counter()
+    for prediction, question, docs, gold in zip(
+        predictions, questions, documents, gold_indices, strict=True
+    ):
+        lead = answer_lead(prediction, question)
         texts = [normalize_answer(d) for d in docs]
         if lead and lead in texts[gold]:
             counts["in_gold"] += 1

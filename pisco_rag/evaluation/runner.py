@@ -12,9 +12,10 @@ with a reranking head, the head's ranking against the first-stage order), as a J
   (a) with the documents as text (the text-RAG reader), (b) from their memories, (c) with no
   context (decoder adapter), and the share of the text's gain that memories recover,
   ``(c - b) / (c - a)``: it moves long before Match does.
-- ``answer_source`` per mode (records with ``gold_index``): the share of answers whose
-  leading words occur in the gold document, only in another document, or in none: a reader
-  that picks the wrong passage versus one that cannot read its passage.
+- ``answer_source`` per mode (records with ``gold_index``): the share of answers whose answer
+  words (:func:`~pisco_rag.evaluation.metrics.answer_lead`) occur in the gold document, only
+  in another document, or in none: a reader that picks the wrong passage versus one that
+  cannot read its passage.
 - ``reranking`` (OSCAR with a head, records with ``gold_index``): recall@k, nDCG@k and MRR of
   the head's scores and of the first-stage order (``retrieval_scores`` when the records have
   them, else their document order); with ``top_n``, also the answers from the top-n documents
@@ -185,7 +186,7 @@ def evaluate_rag(
             ),
         }
         if has_gold:
-            report[mode]["answer_source"] = answer_sources(preds, documents, gold)
+            report[mode]["answer_source"] = answer_sources(preds, questions, documents, gold)
 
     contexts: list[list[Memory]] = []
     if "compressed" in modes or top_n is not None or diagnostics:
@@ -229,7 +230,8 @@ def evaluate_rag(
             ),
         }
         if has_gold:
-            report["compressed"]["answer_source"] = answer_sources(preds, documents, gold)
+            source = answer_sources(preds, questions, documents, gold)
+            report["compressed"]["answer_source"] = source
 
     if diagnostics:
         report["diagnostics"] = answer_diagnostics(
@@ -322,7 +324,7 @@ def summary(report: dict[str, Any]) -> str:
             source = report[mode].get("answer_source")
             if source:
                 lines.append(
-                    f"  {'':<11} answer's lead words in the gold document {source['in_gold']:.0%}"
+                    f"  {'':<11} answer words in the gold document {source['in_gold']:.0%}"
                     f", only in another {source['in_other_document']:.0%}, in none "
                     f"{source['in_no_document']:.0%}"
                 )
