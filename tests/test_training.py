@@ -35,6 +35,7 @@ from pisco_rag.training.teacher import (
     score_records,
 )
 from pisco_rag.training.trainer import (
+    RERANK_TEMPERATURE,
     DistillationCollator,
     StudentModule,
     TrainConfig,
@@ -393,6 +394,25 @@ def test_oscar_rerank_distillation_term():
     assert model.compressor.head.weight.grad.abs().sum() > 0
     plain = student(**DistillationCollator(model, "answer")(RECORDS[:2]))
     assert "rerank_loss" not in plain and torch.equal(plain["loss"], plain["ce_loss"])
+
+    # listwise: cross-entropy of each question's softmax against softmax(teacher / 0.1)
+    listwise = StudentModule(model, rerank_weight=0.05, rerank_loss="listwise").eval()
+    out = listwise(**batch)
+    target = torch.softmax(torch.tensor([2.0, -1.0]) / RERANK_TEMPERATURE, -1)
+    by_question = [-(target * torch.log_softmax(scores[i : i + 2], -1)).sum() for i in (0, 2)]
+    assert float(out["rerank_loss"]) == pytest.approx(float(sum(by_question) / 2), rel=1e-4)
+    shifted = batch | {"teacher_scores": batch["teacher_scores"] + 5.0}
+    assert float(listwise(**shifted)["rerank_loss"]) == pytest.approx(float(out["rerank_loss"]))
+    with pytest.raises(PiscoInputError, match="rerank_loss"):
+        TrainConfig(output_dir="x", rerank_loss="pairwise")
+
+    # with context distillation too, every term is in the loss
+    batch = DistillationCollator(model, "answer", text_teacher=True)(recs)
+    both = StudentModule(model, rerank_weight=0.05, context_distillation=0.5).train()
+    both.trainable = [p for n, p in model.model.named_parameters() if "decoder_adapter" in n]
+    out = both(**batch)
+    total = out["ce_loss"] + 0.5 * out["context_kl"] + 0.05 * out["rerank_loss"]
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-5)
 
 
 def test_oscar_lora_compressor_trains_and_saves(tmp_path):

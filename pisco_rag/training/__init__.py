@@ -19,6 +19,8 @@ from .data import (
 
 # learning-rate schedules both training stages take (transformers.get_scheduler names)
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# how the OSCAR head learns teacher_scores (TrainConfig.rerank_loss)
+RERANK_LOSSES = ("l2", "listwise")
 
 # torch-heavy modules load on first use (the command line's help stays instant)
 _LAZY = {

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..cli_types import positive_int
 from ..errors import PiscoError, PiscoInputError
-from . import LR_SCHEDULES
+from . import LR_SCHEDULES, RERANK_LOSSES
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -148,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm,
         rerank_weight=args.rerank_weight,
+        rerank_loss=args.rerank_loss,
         compressor_tuning=args.compressor_tuning,
         logging_steps=args.logging_steps,
         eval_steps=args.eval_steps,
@@ -399,6 +400,13 @@ def add_train_commands(subparsers: Any) -> None:
     )
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--rerank-weight", type=float, default=0.05)
+    tr.add_argument(
+        "--rerank-loss",
+        choices=RERANK_LOSSES,
+        default="l2",
+        help="OSCAR head against teacher_scores: l2 on the scores, or listwise (cross-entropy "
+        "of the softmax over each question's documents; scale-free)",
+    )
     tr.add_argument(
         "--alignment-weight",
         type=float,

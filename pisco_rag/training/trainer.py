@@ -9,8 +9,10 @@ answer tokens only, with exactly the prompt used at inference (``renderer.pisco_
   tokens (``<MEM0..>``, ``<AE>``, ``<ENC>``, ``<SEP>``): a gradient hook zeroes every other row,
   and the embedding group has no weight decay, so the base vocabulary never moves;
 - OSCAR: the compressor (fully, or LoRA with its memory/rerank token rows), connector and
-  reranking head, and ``decoder_adapter``; with ``teacher_scores`` the head is distilled with an
-  L2 term (weight ``rerank_weight``, 0.05).
+  reranking head, and ``decoder_adapter``; with ``teacher_scores`` the head is distilled
+  (weight ``rerank_weight``, 0.05) with an L2 term on the scores (``rerank_loss="l2"``, as in
+  OSCAR) or, scale-free, the cross-entropy of the head's softmax over each question's documents
+  against the teacher's (``"listwise"``, teacher scores divided by ``RERANK_TEMPERATURE``).
 
 AdamW (weight decay 0.1, none on biases/norms/embeddings), separate learning rates for the
 compressor and the decoder, 5% linear warm-up then linear decay, gradient clipping 1.0,
@@ -45,9 +47,12 @@ from ..errors import PiscoInputError
 from ..memory import Memory
 from ..model import PiscoModel, tail_forward
 from ..prompting import pisco_encoder_inputs, text_ids
+from . import RERANK_LOSSES
 from .data import load_records, record_task, resolve_target_field, training_target
 
 logger = logging.getLogger(__name__)
+
+RERANK_TEMPERATURE = 0.1  # listwise: teacher scores of 0/1 (gold) give the gold 0.9998
 
 TRAINABLE_FILE = "trainable.safetensors"
 _PLACEHOLDER = Memory(
@@ -72,6 +77,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     rerank_weight: float = 0.05
+    rerank_loss: Literal["l2", "listwise"] = "l2"
     compressor_tuning: Literal["full", "lora"] = "full"  # OSCAR compressors
     max_answer_tokens: int = 64
     logging_steps: int = 10
@@ -102,6 +108,10 @@ class TrainConfig:
     extra_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.rerank_loss not in RERANK_LOSSES:
+            raise PiscoInputError(
+                f"rerank_loss must be one of {RERANK_LOSSES}, got {self.rerank_loss!r}"
+            )
         if self.compressor_tuning not in ("full", "lora"):
             raise PiscoInputError(
                 f"compressor_tuning must be 'full' or 'lora', got {self.compressor_tuning!r}"
@@ -211,7 +221,7 @@ class DistillationCollator:
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tok = self.model.tokenizer
         texts, queries, chunk_doc, rows = [], [], [], []
-        scores, score_mask, n_docs = [], [], 0
+        scores, score_mask, doc_record, n_docs = [], [], [], 0
         teacher_rows: list[list[int]] = []
         for rec in records:
             chunks, as_text, prompt, answer = self._row(rec)
@@ -221,6 +231,7 @@ class DistillationCollator:
             teacher = rec.get("teacher_scores")
             scores += [float(s) for s in teacher] if teacher else [0.0] * len(rec["documents"])
             score_mask += [teacher is not None and not as_text] * len(rec["documents"])
+            doc_record += [len(rows)] * len(rec["documents"])
             n_docs += len(rec["documents"])
             rows.append((prompt, answer))
             if self.text_teacher:
@@ -245,6 +256,7 @@ class DistillationCollator:
             batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32)
             batch["score_mask"] = torch.tensor(score_mask, dtype=torch.bool)
             batch["chunk_document"] = torch.tensor(chunk_doc, dtype=torch.long)
+            batch["document_record"] = torch.tensor(doc_record, dtype=torch.long)
         return batch
 
     def _teacher_inputs(
@@ -291,11 +303,13 @@ class StudentModule(nn.Module):
         rerank_weight: float = 0.05,
         context_distillation: float = 0.0,
         hidden_distillation: float = 0.0,
+        rerank_loss: str = "l2",
     ) -> None:
         super().__init__()
         self.backbone = pisco.model
         self.compressor = pisco.compressor
         self.rerank_weight = rerank_weight
+        self.rerank_loss = rerank_loss
         self.context_distillation = context_distillation
         self.hidden_distillation = hidden_distillation
         object.__setattr__(self, "pisco", pisco)  # not a submodule
@@ -345,6 +359,7 @@ class StudentModule(nn.Module):
         teacher_scores: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         chunk_document: torch.Tensor | None = None,
+        document_record: torch.Tensor | None = None,
         teacher_input_ids: torch.Tensor | None = None,
         teacher_attention_mask: torch.Tensor | None = None,
         shared_suffix: torch.Tensor | None = None,
@@ -415,10 +430,29 @@ class StudentModule(nn.Module):
                 (teacher_scores.shape[0],), float("-inf"), device=scores.device, dtype=scores.dtype
             ).scatter_reduce(0, chunk_document, scores, reduce="amax", include_self=False)
             mask = score_mask.bool()
-            rerank = ((doc_scores[mask].float() - teacher_scores[mask].float()) ** 2).mean()
-            out["loss"] = ce + self.rerank_weight * rerank
+            student_scores, target = doc_scores[mask].float(), teacher_scores[mask].float()
+            if self.rerank_loss == "listwise":
+                rerank = listwise_rerank_loss(student_scores, target, document_record[mask])
+            else:
+                rerank = ((student_scores - target) ** 2).mean()
+            out["loss"] = out["loss"] + self.rerank_weight * rerank
             out["rerank_loss"] = rerank.detach()
         return out
+
+
+def listwise_rerank_loss(
+    scores: torch.Tensor, teacher: torch.Tensor, group: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of ``softmax(scores)`` against ``softmax(teacher / RERANK_TEMPERATURE)``
+    within each ``group`` (one question's documents), mean over the groups."""
+    terms = [
+        -(
+            torch.softmax(teacher[group == g] / RERANK_TEMPERATURE, -1)
+            * torch.log_softmax(scores[group == g], -1)
+        ).sum()
+        for g in group.unique()
+    ]
+    return torch.stack(terms).mean()
 
 
 def context_kl(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -881,6 +915,7 @@ def train(
         rerank_weight=config.rerank_weight,
         context_distillation=config.context_distillation,
         hidden_distillation=config.hidden_distillation,
+        rerank_loss=config.rerank_loss,
     )
     setup = setup_trainable(student, config)
     try:
