@@ -403,6 +403,8 @@ def test_oscar_rerank_distillation_term():
     assert float(out["rerank_loss"]) == pytest.approx(float(sum(by_question) / 2), rel=1e-4)
     shifted = batch | {"teacher_scores": batch["teacher_scores"] + 5.0}
     assert float(listwise(**shifted)["rerank_loss"]) == pytest.approx(float(out["rerank_loss"]))
+    held_out = distillation_loss(model, recs, rerank_loss="listwise")
+    assert held_out["rerank_loss"] == pytest.approx(float(out["rerank_loss"]), rel=1e-4)
     with pytest.raises(PiscoInputError, match="rerank_loss"):
         TrainConfig(output_dir="x", rerank_loss="pairwise")
 

@@ -732,10 +732,11 @@ def distillation_loss(
     *,
     batch_size: int = 8,
     rerank_weight: float = 0.05,
+    rerank_loss: str = "l2",
 ) -> dict[str, float]:
     """Mean training loss of ``records`` under the current weights (eval mode, no gradient):
     ``{"loss", "ce_loss"[, "rerank_loss"]}``, averaged over batches."""
-    student = StudentModule(pisco, rerank_weight=rerank_weight).eval()
+    student = StudentModule(pisco, rerank_weight=rerank_weight, rerank_loss=rerank_loss).eval()
     collator = DistillationCollator(pisco, target_field)
     sums: dict[str, float] = {}
     n = 0
