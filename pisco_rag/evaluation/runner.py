@@ -161,6 +161,13 @@ def evaluate_rag(
     }
     predictions: dict[str, list[str]] = {}
 
+    def answer_section(preds: list[str]) -> dict[str, Any]:
+        """Answer metrics of one mode, and where its answers come from (with gold indices)."""
+        section: dict[str, Any] = {"metrics": answer_metrics(preds, labels)}
+        if has_gold:
+            section["answer_source"] = answer_sources(preds, questions, documents, gold)
+        return section
+
     for mode, adapter in (("text", text_adapter), ("text_decoder", "decoder")):
         if mode not in modes:
             continue
@@ -179,14 +186,12 @@ def evaluate_rag(
         seconds = time.perf_counter() - start
         predictions[mode] = preds
         report[mode] = {
-            "metrics": answer_metrics(preds, labels),
+            **answer_section(preds),
             "seconds": round(seconds, 3),
             "prompt_tokens_mean": _mean(
                 [_prompt_tokens(model, q, d) for q, d in zip(questions, documents)]
             ),
         }
-        if has_gold:
-            report[mode]["answer_source"] = answer_sources(preds, questions, documents, gold)
 
     contexts: list[list[Memory]] = []
     if "compressed" in modes or top_n is not None or diagnostics:
@@ -221,7 +226,7 @@ def evaluate_rag(
         gen_seconds = time.perf_counter() - start
         predictions["compressed"] = preds
         report["compressed"] = {
-            "metrics": answer_metrics(preds, labels),
+            **answer_section(preds),
             "seconds": round(compress_seconds + gen_seconds, 3),
             "compress_seconds": round(compress_seconds, 3),
             "generate_seconds": round(gen_seconds, 3),
@@ -229,9 +234,6 @@ def evaluate_rag(
                 [_prompt_tokens(model, q, c) for q, c in zip(questions, contexts)]
             ),
         }
-        if has_gold:
-            source = answer_sources(preds, questions, documents, gold)
-            report["compressed"]["answer_source"] = source
 
     if diagnostics:
         report["diagnostics"] = answer_diagnostics(
