@@ -2,13 +2,16 @@
 (all-MiniLM-L6-v2) order and, where one is available, a cross-encoder teacher's.
 
     python benchmarks/reranking.py --eval eval10.jsonl [--limit 200] \
-        [--oscar pisco_rag/weights/oscar-smollm2-135m] [--cross-encoder DIR_OR_NAME]
+        [--oscar pisco_rag/weights/oscar-smollm2-135m] [--cross-encoder DIR_OR_NAME] \
+        [--teacher lm-likelihood]
     python benchmarks/reranking.py --tiny --eval tiny.jsonl --out /tmp/r.json  # smoke test
 
 Each record holds its gold passage among MiniLM-retrieved distractors (``pisco-rag
 build-data --n-documents 10``); the metrics are recall@1, recall@5, nDCG@5 and MRR of the gold
 passage. The head's scores come from the compression pass itself (query-aware memories and
-scores at once), timed here.
+scores at once), timed here. ``--teacher lm-likelihood`` ranks with the offline rerank teacher of
+``pisco-rag score --scorer lm-likelihood`` too (log p(question | passage) under the plain
+SmolLM2), so that the teachers a head can be trained on are compared with it in one run.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ def main() -> None:
         help="OSCAR checkpoint with a reranking head (default: the shipped one)",
     )
     p.add_argument("--cross-encoder", default=None, help="a local sentence-transformers model")
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        choices=["lm-likelihood"],
+        help="also rank with this offline rerank teacher (repeatable; MiniLM's order is always in)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS / "reranking.json")
@@ -122,6 +132,18 @@ def main() -> None:
         rankers["cross_encoder"] = {
             "note": "not measured: no cross-encoder given (--cross-encoder); none is reachable "
             "on a machine without a model hub"
+        }
+    for spec in args.teacher:
+        from pisco_rag.training.teacher import QuestionLikelihoodScorer, make_scorer
+
+        start = time.perf_counter()
+        # --tiny: the tiny model's own backbone reads the passages (no download, no SmolLM2)
+        scorer = QuestionLikelihoodScorer(model) if args.tiny else make_scorer(spec)
+        scores = scorer(records)
+        rankers[f"teacher_{spec.replace('-', '_')}"] = {
+            "metrics": ranking_metrics([order(s) for s in scores], gold, KS),
+            "seconds": round(time.perf_counter() - start, 3),
+            "note": f"the rerank teacher of `pisco-rag score --scorer {spec}`",
         }
     result = {
         "benchmark": "reranking",

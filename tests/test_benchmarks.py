@@ -178,7 +178,16 @@ def test_quality_script_runs(tmp_path):
 def test_reranking_script_runs(tmp_path):
     out = tmp_path / "reranking.json"
     data = eval_records(tmp_path / "eval.jsonl", n=4)
-    run_script("benchmarks/reranking.py", "--tiny", "--eval", str(data), "--out", str(out))
+    run_script(
+        "benchmarks/reranking.py",
+        "--tiny",
+        "--eval",
+        str(data),
+        "--out",
+        str(out),
+        "--teacher",
+        "lm-likelihood",
+    )
     rankers = json.loads(out.read_text())["rankers"]
     # retrieval_scores put document 0 first; the gold passages are 0, 1, 2, 0
     assert rankers["minilm_first_stage"]["metrics"]["recall@1"] == 0.5
@@ -187,6 +196,8 @@ def test_reranking_script_runs(tmp_path):
     )
     assert 0.0 <= rankers["oscar_head"]["metrics"]["ndcg@5"] <= 1.0
     assert "metrics" not in rankers["cross_encoder"]
+    teacher = rankers["teacher_lm_likelihood"]["metrics"]
+    assert 0.0 <= teacher["recall@1"] <= teacher["recall@5"] <= 1.0
     assert (tmp_path / "reranking.png").stat().st_size > 0
 
 
