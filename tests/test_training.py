@@ -40,6 +40,7 @@ from pisco_rag.training.trainer import (
     StudentModule,
     TrainConfig,
     distillation_loss,
+    setup_trainable,
     train,
 )
 
@@ -432,6 +433,26 @@ def test_oscar_lora_compressor_trains_and_saves(tmp_path):
     assert distillation_loss(reloaded, recs)["loss"] == pytest.approx(loss["loss"], abs=1e-4)
     stored = load_file(Path(result["final"]) / "compressor.safetensors")
     assert not [k for k in stored if k.startswith("body.")]  # by reference: LoRA factors only
+
+
+def test_oscar_head_learning_rate():
+    model = oscar()
+    setting = TrainConfig(
+        output_dir="x", compressor_lr=1e-4, head_lr=5e-2, compressor_tuning="lora"
+    )
+    setup = setup_trainable(StudentModule(model), setting)
+    try:
+        lr_of = {id(p): g["lr"] for g in setup.groups for p in g["params"]}
+        head = list(model.compressor.head.parameters())
+        assert [lr_of[id(p)] for p in head] == [5e-2, 5e-2]
+        rest = [
+            p for n, p in setup.named.items() if n.startswith("compressor.") and "head" not in n
+        ]
+        assert rest and {lr_of[id(p)] for p in rest} == {1e-4}
+    finally:
+        setup.restore()
+    with pytest.raises(PiscoInputError, match="head_lr"):
+        TrainConfig(output_dir="x", head_lr=0.0)
 
 
 # ---------------------------------------------------------------------- command line

@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=args.grad_accum,
         decoder_lr=args.decoder_lr,
         compressor_lr=args.compressor_lr,
+        head_lr=args.head_lr,
         weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm,
@@ -388,6 +389,13 @@ def add_train_commands(subparsers: Any) -> None:
     )
     tr.add_argument("--decoder-lr", type=float, default=1e-4)
     tr.add_argument("--compressor-lr", type=float, default=1e-4)
+    tr.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="learning rate of the OSCAR reranking head (default: --compressor-lr); its scores "
+        "need a larger one to spread apart",
+    )
     tr.add_argument("--weight-decay", type=float, default=0.1)
     tr.add_argument("--warmup-ratio", type=float, default=0.05)
     tr.add_argument(

@@ -73,6 +73,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     decoder_lr: float = 1e-4
     compressor_lr: float = 1e-4  # encoder adapter / OSCAR compressor, memory-token embeddings
+    # the OSCAR reranking head (a dense layer on a hidden state of norm ~100 whose spread over
+    # documents is a few %): None = compressor_lr, which moves its scores apart too slowly
+    head_lr: float | None = None
     weight_decay: float = 0.1
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
@@ -108,6 +111,8 @@ class TrainConfig:
     extra_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise PiscoInputError(f"head_lr must be positive, got {self.head_lr}")
         if self.rerank_loss not in RERANK_LOSSES:
             raise PiscoInputError(
                 f"rerank_loss must be one of {RERANK_LOSSES}, got {self.rerank_loss!r}"
@@ -568,6 +573,9 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
         return out
 
     embeddings, decoder, compressor = unique(embeddings), unique(decoder), unique(compressor)
+    head = [(n, p) for n, p in compressor if n.startswith("compressor.head.")]
+    compressor = [(n, p) for n, p in compressor if not n.startswith("compressor.head.")]
+    head_lr = config.compressor_lr if config.head_lr is None else config.head_lr
     wd = config.weight_decay
     groups = [
         {"params": [p for _, p in embeddings], "lr": config.compressor_lr, "weight_decay": 0.0},
@@ -591,6 +599,8 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
             "lr": config.compressor_lr,
             "weight_decay": 0.0,
         },
+        {"params": [p for n, p in head if not _no_decay(n, p)], "lr": head_lr, "weight_decay": wd},
+        {"params": [p for n, p in head if _no_decay(n, p)], "lr": head_lr, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     for p in named.values():
