@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import embedding
 from .adapters import ENCODER, RETRIEVER, add_adapters, use_adapter
 from .chunking import chunk_text, count_tokens
-from .compressors import token_mean_memories
+from .compressors import INTERACTION_SCALE, token_mean_memories
 from .config import LONG_DOCUMENT_POLICIES, LongDocumentPolicy
 from .errors import DocumentTooLongError, PiscoInputError, RerankingUnavailableError
 from .loading import _lora
@@ -229,6 +229,26 @@ class CompressionMixin:
             self.model.to(self.device).train(training)  # new LoRA dropout starts in train mode
             self.config.retriever = True
 
+    def add_rerank_interaction(self) -> None:
+        """Add the late-interaction term to an OSCAR model's reranking scores (the head's score
+        plus a learned scale, initially ``INTERACTION_SCALE``, times how well the query's tokens
+        find matching document tokens in the same compression pass). Memories are unchanged;
+        scores, and so the fingerprint, change."""
+        compressor = self.compressor
+        if compressor is None or compressor.head is None or compressor.kind != "first-layers":
+            raise PiscoInputError(
+                "the interaction term needs an OSCAR model with a first-layers compressor and a "
+                "reranking head (e.g. embedded-oscar)"
+            )
+        if compressor.interaction:
+            return
+        with self._lock:
+            param = next(compressor.head.parameters())
+            scale = torch.tensor(INTERACTION_SCALE, device=param.device, dtype=param.dtype)
+            compressor.interaction_scale = torch.nn.Parameter(scale)
+            self.config.rerank_interaction = True
+            self.refresh_fingerprint()
+
     def compress_texts(
         self, texts: Sequence[str], queries: Sequence[str] | None = None
     ) -> torch.Tensor:
@@ -242,9 +262,10 @@ class CompressionMixin:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memories, rerank scores or None) in one forward pass of the compressor."""
         if self.compressor is not None:
-            ids, mask = self.compressor.encode_inputs(texts, queries)
+            with_query = self.compressor.interaction and queries is not None
+            inputs = self.compressor.encode_inputs(texts, queries, query_mask=with_query)
             with self._lock:
-                memories, scores = self.compressor(ids.to(self.device), mask.to(self.device))
+                memories, scores = self.compressor(*(t.to(self.device) for t in inputs))
             memories = self.standardise_memories(memories).detach()
             return memories, None if scores is None else scores.detach().float().cpu()
         input_ids, mask = pisco_encoder_inputs(

@@ -17,6 +17,11 @@ positions are the memories, plus an optional reranking head:
 The memory tokens ``<MEM0>..<MEM{n-1}>`` follow the text; with a reranking head a ``<RR>`` token
 follows them, and a dense layer on its hidden state gives the relevance score. Causal attention
 means the ``<RR>`` token never changes the memories: one forward pass gives both.
+With ``rerank_interaction`` the score adds a late-interaction term (as in ColBERT) computed
+from the same last hidden states: each query token's best cosine similarity to a token after
+the query, averaged over the query's tokens (states centred on the sequence's mean first: a few
+huge shared dimensions dominate raw states), times a learned scale. It ranks passages well
+with no training at all, where the head needs a great deal.
 Padding goes to a fixed length (``doc_max_length`` + margin, more only for long queries), so a
 document's memory does not depend on the rest of its batch, and nothing is ever truncated.
 """
@@ -35,6 +40,8 @@ from .tokenizing import tokenize
 from .verbosity import quiet_loading
 
 RERANK_TOKEN = "<RR>"
+INTERACTION_SCALE = 20.0  # initial scale of the late-interaction term (cosines differ by ~0.1)
+QUERY_PREFIX, DOCUMENT_PREFIX = "\nQuery:\n", "Document:\n"
 
 
 class QueryCompressor(nn.Module):
@@ -51,6 +58,7 @@ class QueryCompressor(nn.Module):
         decoder_hidden: int,
         connector_hidden: int | None,
         rerank_head: bool,
+        rerank_interaction: bool = False,
     ) -> None:
         super().__init__()
         if kind not in ("first-layers", "model"):
@@ -75,21 +83,34 @@ class QueryCompressor(nn.Module):
         else:
             self.connector = None
         self.head = nn.Linear(hidden, 1) if rerank_head else None
+        self.interaction_scale = (
+            nn.Parameter(torch.tensor(INTERACTION_SCALE)) if rerank_interaction else None
+        )
         tokens = [f"<MEM{i}>" for i in range(n_mem)]
         self.mem_token_ids = tokenizer.convert_tokens_to_ids(tokens)
         self.rerank_token_id = (
             tokenizer.convert_tokens_to_ids(RERANK_TOKEN) if rerank_head else None
         )
 
+    @property
+    def interaction(self) -> bool:
+        """Whether scores include the late-interaction term (and need a query mask)."""
+        return self.interaction_scale is not None
+
     def encode_inputs(
-        self, texts: Sequence[str], queries: Sequence[str] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask: text (with its query), then memory (and rerank) tokens."""
+        self, texts: Sequence[str], queries: Sequence[str] | None, *, query_mask: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Token ids and attention mask: text (with its query), then memory (and rerank) tokens;
+        with ``query_mask`` also a mask of the query's tokens (what the interaction term needs).
+        """
         tok = self.tokenizer
         if queries is None:
             first, second, margin = list(texts), None, 2
         elif self.kind == "first-layers":
-            first = [f"\nQuery:\n{q}Document:\n{t}" for q, t in zip(queries, texts, strict=True)]
+            first = [
+                f"{QUERY_PREFIX}{q}{DOCUMENT_PREFIX}{t}"
+                for q, t in zip(queries, texts, strict=True)
+            ]
             second, margin = None, 8
         else:
             first, second, margin = list(queries), list(texts), 3
@@ -97,6 +118,7 @@ class QueryCompressor(nn.Module):
         # text; only the ids appended below are control tokens
         split = {"add_special_tokens": True, "split_special_tokens": True}
         longest = max(len(ids) for ids in tokenize(tok, first, second, **split)["input_ids"])
+        want_query = query_mask and queries is not None and self.kind == "first-layers"
         enc = tokenize(
             tok,
             first,
@@ -104,25 +126,64 @@ class QueryCompressor(nn.Module):
             return_tensors="pt",
             padding="max_length",
             max_length=max(self.doc_max_length + margin, longest),
+            return_offsets_mapping=want_query,
             **split,
         )
         extra = self.mem_token_ids + ([self.rerank_token_id] if self.head is not None else [])
         tail = torch.tensor(extra).expand(len(first), -1)
         ids = torch.cat([enc["input_ids"], tail], dim=1)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(tail)], dim=1)
-        return ids, mask
+        if not query_mask:
+            return ids, mask
+        if not want_query:
+            raise ValueError("a query mask needs queries and a first-layers compressor")
+        # the query's tokens: those whose characters lie inside it (pads have empty spans)
+        start = torch.tensor([len(QUERY_PREFIX)] * len(first)).unsqueeze(1)
+        end = start + torch.tensor([len(q) for q in queries]).unsqueeze(1)
+        spans = enc["offset_mapping"]
+        inside = (spans[..., 0] >= start) & (spans[..., 1] <= end) & (spans[..., 1] > spans[..., 0])
+        return ids, mask, torch.cat([inside.long(), torch.zeros_like(tail)], dim=1)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(memories ``[batch, n_mem, decoder_hidden]``, scores ``[batch]`` or None)."""
+        """(memories ``[batch, n_mem, decoder_hidden]``, scores ``[batch]`` or None). With the
+        interaction term, scores need ``query_mask`` (``encode_inputs(..., query_mask=True)``):
+        without it (no query) there are none."""
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0]
         n_tail = self.n_mem + (1 if self.head is not None else 0)
         memories = hidden[:, -n_tail:][:, : self.n_mem]
         if self.connector is not None:
             memories = self.connector(memories)
         scores = self.head(hidden[:, -1]).squeeze(-1) if self.head is not None else None
+        if scores is not None and self.interaction_scale is not None:
+            if query_mask is None:
+                return memories, None
+            term = late_interaction(hidden[:, :-n_tail], attention_mask[:, :-n_tail], query_mask)
+            scores = scores + self.interaction_scale * term
         return memories, scores
+
+
+def late_interaction(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per sequence, the mean over query tokens of their best cosine similarity to a token after
+    the query, on hidden states centred on the sequence's mean (its real tokens)."""
+    real = attention_mask.bool()
+    query = query_mask[:, : hidden.shape[1]].bool() & real
+    position = torch.arange(hidden.shape[1], device=hidden.device)
+    last_query = torch.where(query, position, -1).amax(-1, keepdim=True)
+    after = real & (position > last_query)
+    weights = real.unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+    states = nn.functional.normalize(hidden - mean, dim=-1)
+    similarity = states @ states.transpose(1, 2)  # [batch, positions, positions]
+    best = similarity.masked_fill(~after.unsqueeze(1), float("-inf")).amax(-1)
+    best = torch.where(query & after.any(-1, keepdim=True), best, 0.0)
+    return best.sum(-1) / query.sum(-1).clamp(min=1)
 
 
 def token_mean_memories(
@@ -243,9 +304,12 @@ def build_compressor(
         decoder_hidden=int(backbone.config.hidden_size),
         connector_hidden=config.connector_hidden,
         rerank_head=config.rerank_head,
+        rerank_interaction=config.rerank_interaction,
     )
     if weights is not None:
         missing, unexpected = compressor.load_state_dict(weights, strict=False)
+        # a checkpoint from before rerank_interaction keeps the initial scale
+        missing = [k for k in missing if k != "interaction_scale"]
         if unexpected or (missing and lora_weights is None):
             raise ValueError(
                 f"compressor weights do not fit the configured compressor (missing "

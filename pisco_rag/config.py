@@ -40,6 +40,9 @@ class PiscoConfig:
     compressor_padding_side: str | None = "left"  # None: the compressor tokenizer's own default
     compressor_lora_r: int | None = None  # naver checkpoints whose compressor is LoRA-tuned
     rerank_head: bool = False
+    # the head's score plus a late-interaction term from the same pass (first-layers only):
+    # how well each query token finds a matching document token (see compressors.py)
+    rerank_interaction: bool = False
     compression_rate: int = 16
     doc_max_length: int = 128
     lora_r: int = 16
@@ -74,6 +77,11 @@ class PiscoConfig:
             raise ValueError("a 'model' compressor needs compressor_model (a name or path)")
         if not self.is_oscar and self.rerank_head:
             raise ValueError("a reranking head needs an OSCAR compressor (first-layers or model)")
+        if self.rerank_interaction and not (self.rerank_head and self.compressor == "first-layers"):
+            raise ValueError(
+                "rerank_interaction scores with a first-layers compressor's reranking head: "
+                "set compressor='first-layers' and rerank_head=True"
+            )
         if self.doc_max_length % self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be a multiple of "

@@ -65,6 +65,7 @@ class LoadingMixin:
         long_documents: LongDocumentPolicy = "chunk",
         compressor: str = "pisco",
         rerank_head: bool = False,
+        rerank_interaction: bool = False,
         connector_hidden: int | None = None,
         retriever: bool = False,
         device: str | torch.device | None = None,
@@ -80,9 +81,10 @@ class LoadingMixin:
         (OSCAR: a copy of the backbone's first N layers) or the name/path of a separate small
         causal LM (OSCAR, with a Linear-ReLU-Linear connector of width ``connector_hidden``,
         default 4x the decoder's hidden size). ``rerank_head`` adds the reranking token and
-        head (OSCAR only). ``retriever`` adds the retriever adapter (:meth:`embed_queries`).
-        The LoRA ``B`` matrices start at zero, so the decoder first behaves like the backbone;
-        other new weights are drawn with ``seed``.
+        head (OSCAR only), ``rerank_interaction`` the late-interaction term of its scores
+        (first-layers only; :meth:`add_rerank_interaction`). ``retriever`` adds the retriever
+        adapter (:meth:`embed_queries`). The LoRA ``B`` matrices start at zero, so the decoder
+        first behaves like the backbone; other new weights are drawn with ``seed``.
         """
         if isinstance(backbone, PreTrainedModel):
             if tokenizer is None:
@@ -103,6 +105,7 @@ class LoadingMixin:
             lora_dropout=lora_dropout,
             long_documents=long_documents,
             rerank_head=rerank_head,
+            rerank_interaction=rerank_interaction,
             retriever=retriever,
             **_compressor_fields(compressor, connector_hidden, int(model.config.hidden_size)),
         )

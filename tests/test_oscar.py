@@ -105,6 +105,51 @@ def test_rerank_token_does_not_change_memories():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_late_interaction_by_hand():
+    from pisco_rag.compressors import late_interaction
+
+    # one sequence: 2 query tokens, then 3 document tokens; states already centred (sum 0)
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0], [-1.0, -2.0]]])
+    mask = torch.ones(1, 5, dtype=torch.long)
+    query = torch.tensor([[1, 1, 0, 0, 0]])
+    # query token 0 best matches doc token 3 (cos 1/sqrt2), token 1 too (cos 1/sqrt2)
+    expected = (2**-0.5 + 2**-0.5) / 2
+    assert float(late_interaction(hidden, mask, query)) == pytest.approx(expected)
+    # a left-padded copy (pads masked out) scores the same
+    padded = torch.cat([torch.full((1, 2, 2), 7.0), hidden], dim=1)
+    pad_mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), mask], dim=1)
+    pad_query = torch.cat([torch.zeros(1, 2, dtype=torch.long), query], dim=1)
+    assert float(late_interaction(padded, pad_mask, pad_query)) == pytest.approx(expected)
+
+
+def test_rerank_interaction_term(tmp_path):
+    model = oscar_model(seed=7, path=tmp_path / "bb")
+    comp = model.compressor
+    ids, mask, query = comp.encode_inputs(DOCS, [QUERY] * 3, query_mask=True)
+    for row in range(3):  # exactly the query's tokens are marked
+        assert comp.tokenizer.decode(ids[row][query[row].bool()]).strip() == QUERY
+    before = model.compress(DOCS, queries=[QUERY] * 3)
+    fingerprint = model.fingerprint
+    model.add_rerank_interaction()
+    assert model.config.rerank_interaction and model.fingerprint != fingerprint
+    after = model.compress(DOCS, queries=[QUERY] * 3)
+    with torch.no_grad():
+        hidden = comp.body(input_ids=ids, attention_mask=mask)[0]
+        head = comp.head(hidden[:, -1]).squeeze(-1)
+    for a, b, h in zip(before, after, head, strict=True):
+        torch.testing.assert_close(a.vectors, b.vectors)  # memories unchanged
+        assert a.score == pytest.approx(float(h), abs=1e-5)
+        assert b.score != pytest.approx(a.score, abs=1e-3)  # head + 20 x interaction
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.config.rerank_interaction and loaded.fingerprint == model.fingerprint
+    again = loaded.compress(DOCS, queries=[QUERY] * 3)
+    assert [m.score for m in again] == pytest.approx([m.score for m in after], abs=1e-5)
+    assert comp(ids, mask)[1] is None  # no query mask: no score
+    with pytest.raises(PiscoInputError, match="first-layers compressor and a reranking head"):
+        oscar_model(rerank_head=False).add_rerank_interaction()
+
+
 def test_separate_model_compressor_with_connector(tmp_path):
     _, tok = tiny_backbone("llama")
     small = LlamaForCausalLM(

@@ -435,18 +435,34 @@ def test_oscar_lora_compressor_trains_and_saves(tmp_path):
     assert not [k for k in stored if k.startswith("body.")]  # by reference: LoRA factors only
 
 
-def test_oscar_head_learning_rate():
+def test_oscar_head_learning_rate_and_interaction_term():
     model = oscar()
+    model.add_rerank_interaction()
+    # the rerank term is computed on the full score: head + scale x late interaction
+    recs = [dict(r, teacher_scores=[1.0, 0.0]) for r in RECORDS[:2]]
+    batch = DistillationCollator(model, "answer")(recs)
+    assert "enc_query_mask" in batch
+    out = StudentModule(model, rerank_weight=1.0, rerank_loss="listwise").eval()(**batch)
+    with torch.no_grad():
+        _, scores = model.compressor(
+            batch["enc_input_ids"], batch["enc_attention_mask"], batch["enc_query_mask"]
+        )
+    target = torch.softmax(torch.tensor([1.0, 0.0]) / RERANK_TEMPERATURE, -1)
+    by_question = [-(target * torch.log_softmax(scores[i : i + 2], -1)).sum() for i in (0, 2)]
+    assert float(out["rerank_loss"]) == pytest.approx(float(sum(by_question) / 2), rel=1e-4)
+
     setting = TrainConfig(
         output_dir="x", compressor_lr=1e-4, head_lr=5e-2, compressor_tuning="lora"
     )
     setup = setup_trainable(StudentModule(model), setting)
     try:
         lr_of = {id(p): g["lr"] for g in setup.groups for p in g["params"]}
-        head = list(model.compressor.head.parameters())
-        assert [lr_of[id(p)] for p in head] == [5e-2, 5e-2]
+        head = [*model.compressor.head.parameters(), model.compressor.interaction_scale]
+        assert [lr_of[id(p)] for p in head] == [5e-2, 5e-2, 5e-2]
         rest = [
-            p for n, p in setup.named.items() if n.startswith("compressor.") and "head" not in n
+            p
+            for n, p in setup.named.items()
+            if n.startswith("compressor.") and "head" not in n and "interaction" not in n
         ]
         assert rest and {lr_of[id(p)] for p in rest} == {1e-4}
     finally:

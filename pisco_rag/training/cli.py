@@ -39,6 +39,7 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
             compressor=args.compressor,
             compression_rate=args.compression_rate,
             rerank_head=args.rerank_head,
+            rerank_interaction=args.rerank_interaction,
             lora_r=args.lora_r,
             device=args.device,
             dtype=dtype,
@@ -46,9 +47,12 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the default's notice: training changes the model
-        return PiscoModel.from_pretrained(
+        model = PiscoModel.from_pretrained(
             args.model, device=args.device, dtype=dtype, backbone=args.backbone
         )
+    if getattr(args, "rerank_interaction", False):
+        model.add_rerank_interaction()
+    return model
 
 
 # ---------------------------------------------------------------------- commands
@@ -355,6 +359,12 @@ def add_train_commands(subparsers: Any) -> None:
         "--rerank-head",
         action="store_true",
         help="with --from-backbone and an OSCAR compressor: add the reranking head",
+    )
+    tr.add_argument(
+        "--rerank-interaction",
+        action="store_true",
+        help="OSCAR, first-layers compressor with a head: add the late-interaction term to its "
+        "scores (query tokens matched to document tokens in the same pass; ranks with no training)",
     )
     tr.add_argument(
         "--lora-r",

@@ -288,6 +288,9 @@ class DistillationCollator:
     def _compressor_inputs(self, texts: list[str], queries: list[str]) -> dict[str, torch.Tensor]:
         model = self.model
         if model.compressor is not None:  # OSCAR: query-dependent
+            if model.compressor.interaction:
+                ids, mask, query = model.compressor.encode_inputs(texts, queries, query_mask=True)
+                return {"enc_input_ids": ids, "enc_attention_mask": mask, "enc_query_mask": query}
             ids, mask = model.compressor.encode_inputs(texts, queries)
             return {"enc_input_ids": ids, "enc_attention_mask": mask}
         # padded to the longest chunk of the batch, not to the fixed inference width: the same
@@ -327,11 +330,14 @@ class StudentModule(nn.Module):
             p.requires_grad_(True)
 
     def compress(
-        self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor
+        self,
+        enc_input_ids: torch.Tensor,
+        enc_attention_mask: torch.Tensor,
+        enc_query_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memories ``[chunks, n_mem, hidden]``, rerank scores ``[chunks]`` or None)."""
         if self.compressor is not None:
-            memories, scores = self.compressor(enc_input_ids, enc_attention_mask)
+            memories, scores = self.compressor(enc_input_ids, enc_attention_mask, enc_query_mask)
             return self.pisco.standardise_memories(memories), scores
         if self.pisco.config.compressor == "token-mean":
             return self.pisco._token_mean_memories(enc_input_ids, enc_attention_mask), None
@@ -361,6 +367,7 @@ class StudentModule(nn.Module):
         labels: torch.Tensor,
         enc_input_ids: torch.Tensor | None = None,
         enc_attention_mask: torch.Tensor | None = None,
+        enc_query_mask: torch.Tensor | None = None,
         teacher_scores: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         chunk_document: torch.Tensor | None = None,
@@ -378,7 +385,7 @@ class StudentModule(nn.Module):
         with pisco._lock:
             memories, scores = None, None
             if enc_input_ids is not None:  # None: every row reads its documents as text
-                memories, scores = self.compress(enc_input_ids, enc_attention_mask)
+                memories, scores = self.compress(enc_input_ids, enc_attention_mask, enc_query_mask)
             use_adapter(self.backbone, DECODER)
             self._keep_trainable()
             embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -573,8 +580,9 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
         return out
 
     embeddings, decoder, compressor = unique(embeddings), unique(decoder), unique(compressor)
-    head = [(n, p) for n, p in compressor if n.startswith("compressor.head.")]
-    compressor = [(n, p) for n, p in compressor if not n.startswith("compressor.head.")]
+    scoring = ("compressor.head.", "compressor.interaction_scale")
+    head = [(n, p) for n, p in compressor if n.startswith(scoring)]
+    compressor = [(n, p) for n, p in compressor if not n.startswith(scoring)]
     head_lr = config.compressor_lr if config.head_lr is None else config.head_lr
     wd = config.weight_decay
     groups = [
