@@ -140,6 +140,7 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
             "compressor": self.config.compressor
             + (f":{self.config.compressor_layers}" if self.config.compressor_layers else ""),
             "rerank_head": self.config.rerank_head,
+            "rerank_interaction": self.config.rerank_interaction,
             "trained": self.config.trained,
             "fingerprint": self.fingerprint,
             "device": str(self.device),
