@@ -69,6 +69,7 @@ def test_embedded_oscar_reranks_and_answers():
     docs = ["The bakery sells rye bread.", PARIS, "Mount Fuji is in Japan."]
     ranked = oscar.rerank("What is the capital of France?", docs)
     assert sorted(r.index for r in ranked) == [0, 1, 2]
+    assert oscar.config.rerank_interaction and ranked[0].index == 1  # the Paris passage first
     (answer,) = oscar.generate(
         ["What is the capital of France?"], [ranked[0].memories], max_new_tokens=4
     )
