@@ -162,7 +162,7 @@ def train_decoder_on_oracle(
     skip = set(model.mem_token_ids) | set(tokenizer.all_special_ids)
     how = "oracle_segment_mean_rescaled"
 
-    def oracle_compress(self, enc_input_ids, enc_attention_mask):
+    def oracle_compress(self, enc_input_ids, enc_attention_mask, enc_query_mask=None):
         vectors = []
         for row, mask in zip(enc_input_ids.tolist(), enc_attention_mask.tolist()):
             text = tokenizer.decode([t for t, m in zip(row, mask) if m and t not in skip])
