@@ -288,11 +288,9 @@ class DistillationCollator:
     def _compressor_inputs(self, texts: list[str], queries: list[str]) -> dict[str, torch.Tensor]:
         model = self.model
         if model.compressor is not None:  # OSCAR: query-dependent
-            if model.compressor.interaction:
-                ids, mask, query = model.compressor.encode_inputs(texts, queries, query_mask=True)
-                return {"enc_input_ids": ids, "enc_attention_mask": mask, "enc_query_mask": query}
-            ids, mask = model.compressor.encode_inputs(texts, queries)
-            return {"enc_input_ids": ids, "enc_attention_mask": mask}
+            comp = model.compressor
+            inputs = comp.encode_inputs(texts, queries, query_mask=comp.interaction)
+            return dict(zip(("enc_input_ids", "enc_attention_mask", "enc_query_mask"), inputs))
         # padded to the longest chunk of the batch, not to the fixed inference width: the same
         # memories up to float rounding, with less padding to compute on
         ids, mask = pisco_encoder_inputs(model.tokenizer, texts, model.mem_token_ids, width=None)
