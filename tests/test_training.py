@@ -21,6 +21,7 @@ from pisco_rag.training.data import (
     EVAL_START,
     build_bigbench_records,
     check_split,
+    in_retrieval_order,
     load_records,
     parse_bigbench_input,
     read_jsonl,
@@ -177,6 +178,34 @@ def test_bigbench_records_respect_the_split(big_task):
         check_split([EVAL_START], "train")
     with pytest.raises(PiscoInputError, match="does not belong"):
         check_split([3], "eval")
+
+
+def test_bigbench_records_in_retrieval_order(big_task):
+    args = dict(n_documents=4, limit=6, embedder=hash_embedder, pool_size=200)
+    shuffled = build_bigbench_records(big_task, "train", **args)
+    ranked = build_bigbench_records(big_task, "train", order="retrieval", **args)
+    assert ranked == [in_retrieval_order(r) for r in shuffled]
+    for before, after in zip(shuffled, ranked, strict=True):
+        assert after["retrieval_scores"] == sorted(before["retrieval_scores"], reverse=True)
+        assert sorted(after["documents"]) == sorted(before["documents"])
+        assert after["documents"][after["gold_index"]] == before["documents"][before["gold_index"]]
+    # per-document fields follow their documents; ties keep their order
+    rec = {
+        "documents": ["a", "b", "c"],
+        "retrieval_scores": [0.1, 0.5, 0.1],
+        "teacher_scores": [1.0, 2.0, 3.0],
+        "gold_index": 2,
+    }
+    assert in_retrieval_order(rec) == {
+        "documents": ["b", "a", "c"],
+        "retrieval_scores": [0.5, 0.1, 0.1],
+        "teacher_scores": [2.0, 1.0, 3.0],
+        "gold_index": 2,
+    }
+    with pytest.raises(PiscoInputError, match="retrieval_scores"):
+        in_retrieval_order({"id": "x", "documents": ["a"]})
+    with pytest.raises(PiscoInputError, match="order"):
+        build_bigbench_records(big_task, "train", order="best", **args)
 
 
 def test_bigbench_records_with_minilm(tmp_path):

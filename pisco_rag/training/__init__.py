@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from .data import (
+    DOCUMENT_ORDERS,
     EVAL_START,
     build_bigbench_records,
+    in_retrieval_order,
     load_records,
     read_bigbench_task,
     read_jsonl,
@@ -52,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DOCUMENT_ORDERS",
     "EVAL_START",
     "LR_SCHEDULES",
     "CrossEncoderScorer",
@@ -63,6 +66,7 @@ __all__ = [
     "TextTeacher",
     "TrainConfig",
     "build_bigbench_records",
+    "in_retrieval_order",
     "label_records",
     "load_records",
     "make_scorer",

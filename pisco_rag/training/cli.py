@@ -14,7 +14,7 @@ from typing import Any
 
 from ..cli_types import positive_int
 from ..errors import PiscoError, PiscoInputError
-from . import LR_SCHEDULES, RERANK_LOSSES
+from . import DOCUMENT_ORDERS, LR_SCHEDULES, RERANK_LOSSES
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +88,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         pool_size=args.pool_size,
+        order=args.order,
         embedder=default_embedder(device=args.device),
         show_progress=not args.quiet,
     )
@@ -279,6 +280,13 @@ def add_train_commands(subparsers: Any) -> None:
         default=None,
         help="retrieve distractors from a random sample of this many passages of the split "
         "(default: all of them)",
+    )
+    bd.add_argument(
+        "--order",
+        choices=DOCUMENT_ORDERS,
+        default="shuffled",
+        help="documents of a record: shuffled (seeded; the gold passage anywhere) or in "
+        "retrieval order (MiniLM's score, highest first, as a retriever hands them over)",
     )
     bd.add_argument(
         "--pretraining",

@@ -37,6 +37,8 @@ TASK_NAME = "contextual_parametric_knowledge_conflicts"
 TASK_PATH_IN_SDIST = f"bigbench/benchmark_tasks/{TASK_NAME}/task.json"
 
 Split = Literal["train", "eval"]
+DocumentOrder = Literal["shuffled", "retrieval"]
+DOCUMENT_ORDERS = ("shuffled", "retrieval")
 Embedder = Callable[[Sequence[str]], np.ndarray]
 
 _INPUT = re.compile(r"^\s*Question:\s*(?P<question>.*?)\s*\nContext:\s*(?P<context>.*)\s*$", re.S)
@@ -141,12 +143,15 @@ def build_bigbench_records(
     embedder: Embedder | None = None,
     max_duplicate_similarity: float = 0.9,
     pool_size: int | None = None,
+    order: DocumentOrder = "shuffled",
     batch_size: int = 2048,
     show_progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Records of one split of the task: each question gets its gold passage plus
     ``n_documents - 1`` distractors retrieved with MiniLM from the passages of the same split,
-    in a random (seeded) order.
+    in a random (seeded) order, or with ``order="retrieval"`` in MiniLM's order (highest score
+    first, the gold passage where its own score puts it), as a retriever hands documents to
+    the reader in LlamaIndex and LangChain.
 
     ``limit`` draws that many items of the split at random (``seed``), in index order.
     ``pool_size`` retrieves from a random sample of that many passages of the split (plus the
@@ -157,6 +162,8 @@ def build_bigbench_records(
     """
     if n_documents < 1:
         raise PiscoInputError(f"n_documents must be at least 1, got {n_documents}")
+    if order not in DOCUMENT_ORDERS:
+        raise PiscoInputError(f"order must be one of {DOCUMENT_ORDERS}, got {order!r}")
     items = read_bigbench_task(task_json)
     indices = list(split_indices(len(items), split))
     if not indices:
@@ -189,10 +196,10 @@ def build_bigbench_records(
     for row, item in enumerate(tqdm(chosen, desc="retrieving", disable=not show_progress)):
         gold = position[item.index]
         gold_vec = passages[gold]
-        order = np.argsort(-sims[row], kind="stable")
+        candidates = np.argsort(-sims[row], kind="stable")
         picked: list[int] = []
         seen = {item.passage.strip()}
-        for cand in order:
+        for cand in candidates:
             if len(picked) >= n_documents - 1:
                 break
             cand = int(cand)
@@ -205,20 +212,41 @@ def build_bigbench_records(
             picked.append(cand)
         docs = [gold, *picked]
         random.Random(seed * 1_000_003 + item.index).shuffle(docs)
-        records.append(
-            {
-                "id": f"{TASK_NAME}-{item.index}",
-                "index": item.index,
-                "split": split,
-                "question": item.question,
-                "documents": [pool_texts[d] for d in docs],
-                "gold_index": docs.index(gold),
-                "answer": item.answer,
-                "original_answer": item.original_answer,
-                "retrieval_scores": [round(float(sims[row, d]), 6) for d in docs],
-            }
-        )
+        record = {
+            "id": f"{TASK_NAME}-{item.index}",
+            "index": item.index,
+            "split": split,
+            "question": item.question,
+            "documents": [pool_texts[d] for d in docs],
+            "gold_index": docs.index(gold),
+            "answer": item.answer,
+            "original_answer": item.original_answer,
+            "retrieval_scores": [round(float(sims[row, d]), 6) for d in docs],
+        }
+        records.append(in_retrieval_order(record) if order == "retrieval" else record)
     return records
+
+
+def in_retrieval_order(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its documents (and their per-document fields) sorted by
+    ``retrieval_scores``, highest first (ties keep their order); ``gold_index`` follows."""
+    scores = record.get("retrieval_scores")
+    if scores is None:
+        raise PiscoInputError(f"record {record.get('id')!r} has no retrieval_scores to sort by")
+    n = len(record["documents"])
+    if len(scores) != n:
+        raise PiscoInputError(
+            f"record {record.get('id')!r}: retrieval_scores has {len(scores)} entries for {n} "
+            "documents"
+        )
+    order = sorted(range(n), key=lambda i: -scores[i])
+    out = dict(record)
+    for name in ("documents", "retrieval_scores", "teacher_scores"):
+        if name in record:
+            out[name] = [record[name][i] for i in order]
+    if record.get("gold_index") is not None:
+        out["gold_index"] = order.index(record["gold_index"])
+    return out
 
 
 def build_pretraining_records(
