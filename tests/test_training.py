@@ -511,7 +511,9 @@ def test_cli_build_train_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "default_embedder", lambda **kw: hash_embedder)
     build = "build-data {d}/task.json --n-documents 2 --quiet"
     assert run(build + " --split train --limit 4 --pool-size 50 --out {d}/train.jsonl") == 0
-    assert run(build + " --split eval --out {d}/eval.jsonl") == 0
+    assert run(build + " --split eval --order retrieval --out {d}/eval.jsonl") == 0
+    ranked = read_jsonl(tmp_path / "eval.jsonl")
+    assert all(r["retrieval_scores"] == sorted(r["retrieval_scores"], reverse=True) for r in ranked)
     backbone, tok = tiny_backbone("llama", 0)
     backbone.save_pretrained(tmp_path / "bb")
     tok.save_pretrained(tmp_path / "bb")
