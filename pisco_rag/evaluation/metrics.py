@@ -12,6 +12,9 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import PiscoInputError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -159,3 +162,18 @@ def ndcg_at_k(ranking: Sequence[int], relevant: Iterable[int], k: int) -> float:
     dcg = sum(1 / math.log2(i + 2) for i, item in enumerate(ranking[:k]) if item in relevant)
     ideal = sum(1 / math.log2(i + 2) for i in range(min(k, len(relevant))))
     return dcg / ideal
+
+
+def first_stage_ranking(record: dict[str, Any]) -> list[int]:
+    """Document indices by the first-stage retriever: ``retrieval_scores`` descending (ties by
+    position), or the record's document order."""
+    n = len(record["documents"])
+    scores = record.get("retrieval_scores")
+    if scores is None:
+        return list(range(n))
+    if len(scores) != n:
+        raise PiscoInputError(
+            f"record {record.get('id')!r}: retrieval_scores has {len(scores)} entries for {n} "
+            "documents"
+        )
+    return sorted(range(n), key=lambda i: (-scores[i], i))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PiscoInputError
 from ..memory import Memory
-from .metrics import answer_metrics, answer_sources, ndcg_at_k, recall_at_k
+from .metrics import answer_metrics, answer_sources, first_stage_ranking, ndcg_at_k, recall_at_k
 
 Mode = Literal["text", "text_decoder", "compressed"]
 MODES = ("text", "text_decoder", "compressed")
@@ -93,21 +93,6 @@ def ranking_metrics(rankings: list[list[int]], golds: list[int], ks: Sequence[in
         out[f"ndcg@{k}"] = _mean([ndcg_at_k(r, [g], k) for r, g in zip(rankings, golds)])
     out["mrr"] = _mean([1 / (r.index(g) + 1) for r, g in zip(rankings, golds)])
     return out
-
-
-def first_stage_ranking(record: dict[str, Any]) -> list[int]:
-    """Document indices by the first-stage retriever: ``retrieval_scores`` descending (ties by
-    position), or the record's document order."""
-    n = len(record["documents"])
-    scores = record.get("retrieval_scores")
-    if scores is None:
-        return list(range(n))
-    if len(scores) != n:
-        raise PiscoInputError(
-            f"record {record.get('id')!r}: retrieval_scores has {len(scores)} entries for {n} "
-            "documents"
-        )
-    return sorted(range(n), key=lambda i: (-scores[i], i))
 
 
 def evaluate_rag(

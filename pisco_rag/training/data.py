@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import PiscoInputError
+from ..evaluation.metrics import first_stage_ranking
 
 # Items below this index form the training split; items at and above it are for evaluation only.
 EVAL_START = 14000
@@ -230,16 +231,9 @@ def build_bigbench_records(
 def in_retrieval_order(record: dict[str, Any]) -> dict[str, Any]:
     """The record with its documents (and their per-document fields) sorted by
     ``retrieval_scores``, highest first (ties keep their order); ``gold_index`` follows."""
-    scores = record.get("retrieval_scores")
-    if scores is None:
+    if record.get("retrieval_scores") is None:
         raise PiscoInputError(f"record {record.get('id')!r} has no retrieval_scores to sort by")
-    n = len(record["documents"])
-    if len(scores) != n:
-        raise PiscoInputError(
-            f"record {record.get('id')!r}: retrieval_scores has {len(scores)} entries for {n} "
-            "documents"
-        )
-    order = sorted(range(n), key=lambda i: -scores[i])
+    order = first_stage_ranking(record)
     out = dict(record)
     for name in ("documents", "retrieval_scores", "teacher_scores"):
         if name in record:
