@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,7 +39,7 @@ TASK_PATH_IN_SDIST = f"bigbench/benchmark_tasks/{TASK_NAME}/task.json"
 
 Split = Literal["train", "eval"]
 DocumentOrder = Literal["shuffled", "retrieval"]
-DOCUMENT_ORDERS = ("shuffled", "retrieval")
+DOCUMENT_ORDERS: tuple[str, ...] = get_args(DocumentOrder)
 Embedder = Callable[[Sequence[str]], np.ndarray]
 
 _INPUT = re.compile(r"^\s*Question:\s*(?P<question>.*?)\s*\nContext:\s*(?P<context>.*)\s*$", re.S)
