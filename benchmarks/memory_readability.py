@@ -154,8 +154,8 @@ def train_decoder_on_oracle(
 ) -> dict:
     """A new PISCO model whose decoder adapter learns to answer from oracle memories (the
     trainer's compress step replaced by the oracle while it trains)."""
+    from pisco_rag import training
     from pisco_rag.memory import Memory
-    from pisco_rag.training import trainer
 
     model = new_pisco_model(tiny, compression_rate)
     tokenizer = model.tokenizer
@@ -186,7 +186,7 @@ def train_decoder_on_oracle(
     }
     done = 0
     for stop in [*range(100, steps, 100), steps]:
-        config = trainer.TrainConfig(
+        config = training.TrainConfig(
             output_dir=out,
             max_steps=stop - done,
             batch_size=8,
@@ -200,8 +200,8 @@ def train_decoder_on_oracle(
             show_progress=False,
             extra_args={"lr_scheduler_type": "constant"},
         )
-        with mock.patch.object(trainer.StudentModule, "compress", oracle_compress):
-            trainer.train(model, train_path, config=config)
+        with mock.patch.object(training.StudentModule, "compress", oracle_compress):
+            training.train(model, train_path, config=config)
         done = stop
         point = {"step": done, "examples": 8 * done}
         point.update(diagnostics(model, records, chunks, how))

@@ -59,8 +59,8 @@ def main() -> None:
 
     from pisco_rag import PiscoModel
     from pisco_rag.evaluation.runner import evaluate_rag, summary
+    from pisco_rag.training import TrainConfig, train
     from pisco_rag.training.data import read_jsonl
-    from pisco_rag.training.trainer import TrainConfig, train
 
     train_records = read_jsonl(args.train)[: args.train_limit]
     if any(r.get("split") != "train" for r in train_records):

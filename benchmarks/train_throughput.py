@@ -80,12 +80,8 @@ def build(recipe: dict, tiny: bool):
 
 
 def time_recipe(name: str, recipe: dict, records: list[dict], steps: int, tiny: bool) -> dict:
-    from pisco_rag.training.trainer import (
-        DistillationCollator,
-        StudentModule,
-        TrainConfig,
-        setup_trainable,
-    )
+    from pisco_rag.training import DistillationCollator, StudentModule, TrainConfig
+    from pisco_rag.training.trainable import setup_trainable
 
     model = build(recipe, tiny)
     student = StudentModule(model)

@@ -349,7 +349,7 @@ def test_calibrated_memories_are_standardised_and_survive_save_load(kind, tmp_pa
 
 def test_training_reads_calibrated_memories(tmp_path):
     """The trainer's differentiable compression gives the memories inference gives."""
-    from pisco_rag.training.trainer import DistillationCollator, StudentModule, train
+    from pisco_rag.training import DistillationCollator, StudentModule, train
 
     model = tiny_pisco("llama")
     records = [
@@ -389,7 +389,7 @@ def test_token_mean_memories_are_rescaled_segment_means_and_round_trip(tmp_path)
     """The parameter-free compressor: memory i is the mean input embedding of the i-th of
     n_mem segments of the chunk's tokens, at the embeddings' mean norm. The model keeps only
     the decoder adapter; the trainer's compression is the same; save/load keeps it."""
-    from pisco_rag.training.trainer import DistillationCollator, StudentModule, train
+    from pisco_rag.training import DistillationCollator, StudentModule, train
 
     backbone, tok = tiny_backbone("llama")
     backbone.save_pretrained(tmp_path / "backbone")

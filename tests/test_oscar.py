@@ -203,7 +203,7 @@ def test_native_round_trip_with_head(tmp_path):
 def test_lora_tuned_compressor_is_saved_by_reference_and_in_half_precision(tmp_path):
     from safetensors.torch import load_file
 
-    from pisco_rag.training.trainer import add_compressor_lora
+    from pisco_rag.training.trainable import add_compressor_lora
 
     oscar = oscar_model(seed=3, path=tmp_path / "base")
     add_compressor_lora(oscar)  # as training with compressor_tuning="lora" leaves it

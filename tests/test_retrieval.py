@@ -316,7 +316,7 @@ def test_train_retriever_moves_only_the_retriever(tmp_path):
 def test_generation_training_keeps_the_retriever_frozen(tmp_path):
     """The second stage (Invar-RAG's generation fine-tuning): training the reader leaves the
     retriever adapter, and so the embeddings, exactly as they were."""
-    from pisco_rag.training.trainer import TrainConfig, train
+    from pisco_rag.training import TrainConfig, train
 
     model = with_retriever(tiny_pisco(seed=8))
     queries_before = model.embed_queries(["Which river?"], show_progress=False)

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from pisco_rag import PiscoInputError, PiscoModel
 from pisco_rag.adapters import use_adapter
+from pisco_rag.training import DistillationCollator, StudentModule, TrainConfig, train
 from pisco_rag.training import data as data_mod
 from pisco_rag.training.data import (
     EVAL_START,
@@ -27,6 +28,7 @@ from pisco_rag.training.data import (
     read_jsonl,
     write_jsonl,
 )
+from pisco_rag.training.student import RERANK_TEMPERATURE, distillation_loss
 from pisco_rag.training.teacher import (
     CrossEncoderScorer,
     GoldRelevanceScorer,
@@ -35,15 +37,7 @@ from pisco_rag.training.teacher import (
     label_records,
     score_records,
 )
-from pisco_rag.training.trainer import (
-    RERANK_TEMPERATURE,
-    DistillationCollator,
-    StudentModule,
-    TrainConfig,
-    distillation_loss,
-    setup_trainable,
-    train,
-)
+from pisco_rag.training.trainable import setup_trainable
 
 RECORDS = [
     {

@@ -26,10 +26,10 @@ RERANK_LOSSES = ("l2", "listwise")
 
 # torch-heavy modules load on first use (the command line's help stays instant)
 _LAZY = {
-    **dict.fromkeys(
-        ("DistillationCollator", "PiscoTrainer", "StudentModule", "TrainConfig", "train"),
-        "trainer",
-    ),
+    "DistillationCollator": "collator",
+    "StudentModule": "student",
+    "TrainConfig": "config",
+    **dict.fromkeys(("PiscoTrainer", "train"), "trainer"),
     **dict.fromkeys(
         (
             "CrossEncoderScorer",

@@ -138,7 +138,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "retriever":
         return _train_retriever(args)
-    from .trainer import TrainConfig, train
+    from .config import TrainConfig
+    from .trainer import train
 
     config = TrainConfig(
         output_dir=args.output,
