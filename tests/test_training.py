@@ -488,6 +488,11 @@ def test_oscar_head_learning_rate_and_interaction_term():
             if n.startswith("compressor.") and "head" not in n and "interaction" not in n
         ]
         assert rest and {lr_of[id(p)] for p in rest} == {1e-4}
+        # weight decay on matrices only; none on biases, scalars and the embedding rows
+        decay_of = {id(p): g["weight_decay"] for g in setup.groups for p in g["params"]}
+        for name, p in setup.named.items():
+            matrix = p.ndim >= 2 and "embeddings" not in name and "norm" not in name.lower()
+            assert decay_of[id(p)] == (setting.weight_decay if matrix else 0.0), name
     finally:
         setup.restore()
     with pytest.raises(PiscoInputError, match="head_lr"):

@@ -114,32 +114,22 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
     head = [(n, p) for n, p in compressor if n.startswith(scoring)]
     compressor = [(n, p) for n, p in compressor if not n.startswith(scoring)]
     head_lr = config.compressor_lr if config.head_lr is None else config.head_lr
-    wd = config.weight_decay
     groups = [
-        {"params": [p for _, p in embeddings], "lr": config.compressor_lr, "weight_decay": 0.0},
-        {
-            "params": [p for n, p in decoder if not _no_decay(n, p)],
-            "lr": config.decoder_lr,
-            "weight_decay": wd,
-        },
-        {
-            "params": [p for n, p in decoder if _no_decay(n, p)],
-            "lr": config.decoder_lr,
-            "weight_decay": 0.0,
-        },
-        {
-            "params": [p for n, p in compressor if not _no_decay(n, p)],
-            "lr": config.compressor_lr,
-            "weight_decay": wd,
-        },
-        {
-            "params": [p for n, p in compressor if _no_decay(n, p)],
-            "lr": config.compressor_lr,
-            "weight_decay": 0.0,
-        },
-        {"params": [p for n, p in head if not _no_decay(n, p)], "lr": head_lr, "weight_decay": wd},
-        {"params": [p for n, p in head if _no_decay(n, p)], "lr": head_lr, "weight_decay": 0.0},
+        {"params": [p for _, p in embeddings], "lr": config.compressor_lr, "weight_decay": 0.0}
     ]
+    for part, lr in (
+        (decoder, config.decoder_lr),
+        (compressor, config.compressor_lr),
+        (head, head_lr),
+    ):
+        for decay in (True, False):  # weight decay, except on biases, norms and scalars
+            groups.append(
+                {
+                    "params": [p for n, p in part if _no_decay(n, p) != decay],
+                    "lr": lr,
+                    "weight_decay": config.weight_decay if decay else 0.0,
+                }
+            )
     groups = [g for g in groups if g["params"]]
     for p in named.values():
         p.requires_grad_(True)
