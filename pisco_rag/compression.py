@@ -260,14 +260,17 @@ class CompressionMixin:
     def _compress_batch(
         self, texts: Sequence[str], queries: Sequence[str] | None, naver_truncation: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(memories, rerank scores or None) in one forward pass of the compressor."""
+        """(memories, rerank scores or None) in one forward pass of the compressor (none for
+        token-mean memories; an OSCAR model with them runs its compressor for the scores)."""
+        scores = None
         if self.compressor is not None:
             with_query = self.compressor.interaction and queries is not None
             inputs = self.compressor.encode_inputs(texts, queries, query_mask=with_query)
             with self._lock:
                 memories, scores = self.compressor(*(t.to(self.device) for t in inputs))
-            memories = self.standardise_memories(memories).detach()
-            return memories, None if scores is None else scores.detach().float().cpu()
+            scores = None if scores is None else scores.detach().float().cpu()
+            if not self.config.token_mean_memories:
+                return self.standardise_memories(memories).detach(), scores
         input_ids, mask = pisco_encoder_inputs(
             self.tokenizer,
             texts,
@@ -276,8 +279,8 @@ class CompressionMixin:
             naver_truncation=naver_truncation,
         )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        if self.config.compressor == "token-mean":
-            return self._token_mean_memories(input_ids, mask), None
+        if self.config.token_mean_memories:
+            return self._token_mean_memories(input_ids, mask), scores
         with self._lock:
             use_adapter(self.model, ENCODER)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]

@@ -280,7 +280,7 @@ def build_compressor(
             config.compressor_model, dtype=None, local_files_only=local_files_only
         )
         body = lm.base_model
-    add_compressor_tokens(tokenizer, config.n_mem_tokens, config.rerank_head)
+    add_compressor_tokens(tokenizer, config.compressor_n_mem, config.rerank_head)
     if config.compressor_padding_side:
         tokenizer.padding_side = config.compressor_padding_side
     with quiet_loading():  # transformers explains its mean-resizing of new rows at length
@@ -299,7 +299,7 @@ def build_compressor(
         body,
         tokenizer,
         kind=config.compressor,
-        n_mem=config.n_mem_tokens,
+        n_mem=config.compressor_n_mem,
         doc_max_length=config.doc_max_length,
         decoder_hidden=int(backbone.config.hidden_size),
         connector_hidden=config.connector_hidden,

@@ -15,6 +15,9 @@ LONG_DOCUMENT_POLICIES: tuple[str, ...] = ("chunk", "truncate", "naver", "error"
 # pisco: the backbone with an encoder adapter; token-mean: no network, memory i is the mean
 # input embedding of the chunk's i-th segment; first-layers, model: OSCAR compressors
 COMPRESSORS: tuple[str, ...] = ("pisco", "token-mean", "first-layers", "model")
+# where an OSCAR model's memories come from: its compressor's states (OSCAR), or the token-mean
+# of the chunk (the compressor's pass then gives the reranking scores only)
+MEMORY_SOURCES: tuple[str, ...] = ("compressor", "token-mean")
 FORMAT_VERSION = 1
 
 SYSTEM_PROMPT = (
@@ -43,6 +46,10 @@ class PiscoConfig:
     # the head's score plus a late-interaction term from the same pass (first-layers only):
     # how well each query token finds a matching document token (see compressors.py)
     rerank_interaction: bool = False
+    memory_source: Literal["compressor", "token-mean"] = "compressor"  # OSCAR only
+    # memory tokens in the compressor's input when they differ from the decoder's memories
+    # (memory_source="token-mean": the head was trained after this many); None: n_mem_tokens
+    compressor_memory_tokens: int | None = None
     compression_rate: int = 16
     doc_max_length: int = 128
     lora_r: int = 16
@@ -82,6 +89,25 @@ class PiscoConfig:
                 "rerank_interaction scores with a first-layers compressor's reranking head: "
                 "set compressor='first-layers' and rerank_head=True"
             )
+        if self.memory_source not in MEMORY_SOURCES:
+            raise ValueError(
+                f"memory_source must be one of {MEMORY_SOURCES}, not {self.memory_source!r}"
+            )
+        if self.memory_source == "token-mean" and not self.is_oscar:
+            raise ValueError(
+                "memory_source='token-mean' is for OSCAR compressors; a PISCO model with "
+                "token-mean memories has compressor='token-mean'"
+            )
+        if self.compressor_memory_tokens is not None and (
+            self.memory_source != "token-mean"
+            or isinstance(self.compressor_memory_tokens, bool)
+            or not isinstance(self.compressor_memory_tokens, int)
+            or self.compressor_memory_tokens < 1
+        ):
+            raise ValueError(
+                "compressor_memory_tokens (a positive int) is for OSCAR models whose memories "
+                f"are token-mean ones, got {self.compressor_memory_tokens!r}"
+            )
         if self.doc_max_length % self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be a multiple of "
@@ -105,6 +131,16 @@ class PiscoConfig:
     def is_oscar(self) -> bool:
         """Query-dependent compression with its own compressor (OSCAR), not the backbone."""
         return self.compressor in ("first-layers", "model")
+
+    @property
+    def token_mean_memories(self) -> bool:
+        """Memories are segment means of the chunk's token embeddings (no network)."""
+        return self.compressor == "token-mean" or self.memory_source == "token-mean"
+
+    @property
+    def compressor_n_mem(self) -> int:
+        """Memory tokens in an OSCAR compressor's input."""
+        return self.compressor_memory_tokens or self.n_mem_tokens
 
     @property
     def n_mem_tokens(self) -> int:

@@ -66,6 +66,7 @@ class LoadingMixin:
         compressor: str = "pisco",
         rerank_head: bool = False,
         rerank_interaction: bool = False,
+        memory_source: str = "compressor",
         connector_hidden: int | None = None,
         retriever: bool = False,
         device: str | torch.device | None = None,
@@ -82,9 +83,11 @@ class LoadingMixin:
         causal LM (OSCAR, with a Linear-ReLU-Linear connector of width ``connector_hidden``,
         default 4x the decoder's hidden size). ``rerank_head`` adds the reranking token and
         head (OSCAR only), ``rerank_interaction`` the late-interaction term of its scores
-        (first-layers only; :meth:`add_rerank_interaction`). ``retriever`` adds the retriever
-        adapter (:meth:`embed_queries`). The LoRA ``B`` matrices start at zero, so the decoder
-        first behaves like the backbone; other new weights are drawn with ``seed``.
+        (first-layers only; :meth:`add_rerank_interaction`). ``memory_source="token-mean"``
+        gives an OSCAR model token-mean memories (its compressor then only scores).
+        ``retriever`` adds the retriever adapter (:meth:`embed_queries`). The LoRA ``B``
+        matrices start at zero, so the decoder first behaves like the backbone; other new
+        weights are drawn with ``seed``.
         """
         if isinstance(backbone, PreTrainedModel):
             if tokenizer is None:
@@ -106,6 +109,7 @@ class LoadingMixin:
             long_documents=long_documents,
             rerank_head=rerank_head,
             rerank_interaction=rerank_interaction,
+            memory_source=memory_source,
             retriever=retriever,
             **_compressor_fields(compressor, connector_hidden, int(model.config.hidden_size)),
         )

@@ -132,8 +132,9 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
         return h.hexdigest()[:16]
 
     def info(self) -> dict[str, Any]:
-        """What the model is, in a JSON-ready dict (name, backbone, compressor, fingerprint,
-        device, dtype, memory shape, store): what reports and model cards record."""
+        """What the model is, in a JSON-ready dict (name, backbone, compressor, where memories
+        come from, fingerprint, device, dtype, memory shape, store): what reports and model
+        cards record."""
         return {
             "name": self.config.name,
             "backbone": self.config.backbone,
@@ -141,6 +142,7 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
             + (f":{self.config.compressor_layers}" if self.config.compressor_layers else ""),
             "rerank_head": self.config.rerank_head,
             "rerank_interaction": self.config.rerank_interaction,
+            "memories": "token-mean" if self.config.token_mean_memories else "compressor",
             "trained": self.config.trained,
             "fingerprint": self.fingerprint,
             "device": str(self.device),

@@ -184,6 +184,67 @@ def test_separate_model_compressor_with_connector(tmp_path):
         assert a.score == pytest.approx(b.score, abs=1e-5)
 
 
+def test_token_mean_memories_with_oscar_scores(tmp_path):
+    """memory_source='token-mean': the compressor's pass scores, the memories are exactly those
+    of a token-mean PISCO model on the same backbone (whatever the query), and both survive a
+    round trip."""
+    kwargs = dict(compression_rate=4, memory_source="token-mean", rerank_interaction=True)
+    model = oscar_model(seed=5, path=tmp_path / "bb", **kwargs)
+    assert model.config.token_mean_memories and model.compressor.n_mem == 32
+    assert model.info()["memories"] == "token-mean"
+    reader = PiscoModel.from_backbone(
+        str(tmp_path / "bb"), compressor="token-mean", compression_rate=4, device="cpu"
+    )
+    plain = reader.compress(DOCS)
+    for query in (QUERY, "Where is Mount Fuji?"):
+        memories = model.compress(DOCS, queries=[query] * 3)
+        for m, p in zip(memories, plain, strict=True):
+            assert tuple(m.vectors.shape) == (32, 64)
+            torch.testing.assert_close(m.vectors, p.vectors)
+    ids, mask, query_mask = model.compressor.encode_inputs(DOCS, [QUERY] * 3, query_mask=True)
+    with torch.no_grad():
+        _, scores = model.compressor(ids, mask, query_mask)
+    ranked = model.rerank(QUERY, DOCS)
+    assert {r.index: r.score for r in ranked} == pytest.approx(dict(enumerate(scores.tolist())))
+    answer = model.generate([QUERY], [ranked[0].memories], max_new_tokens=5)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = PiscoModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.config.memory_source == "token-mean" and loaded.fingerprint == model.fingerprint
+    again = loaded.rerank(QUERY, DOCS)
+    assert [r.score for r in again] == pytest.approx([r.score for r in ranked], abs=1e-5)
+    assert loaded.generate([QUERY], [again[0].memories], max_new_tokens=5) == answer
+
+
+def test_memory_source_settings_are_checked():
+    from pisco_rag.compressors import build_compressor
+    from pisco_rag.config import PiscoConfig
+
+    with pytest.raises(ValueError, match="memory_source must be one of"):
+        PiscoConfig(backbone="b", compressor="first-layers", compressor_layers=1, memory_source="x")
+    with pytest.raises(ValueError, match="compressor='token-mean'"):
+        PiscoConfig(backbone="b", memory_source="token-mean")
+    with pytest.raises(ValueError, match="compressor_memory_tokens"):
+        PiscoConfig(
+            backbone="b", compressor="first-layers", compressor_layers=1, compressor_memory_tokens=8
+        )
+    # a compressor trained with 8 memory tokens keeps them under 32 token-mean memories
+    config = PiscoConfig(
+        backbone="b",
+        compressor="first-layers",
+        compressor_layers=1,
+        rerank_head=True,
+        compression_rate=4,
+        memory_source="token-mean",
+        compressor_memory_tokens=8,
+    )
+    assert config.n_mem_tokens == 32 and config.compressor_n_mem == 8
+    backbone, tok = tiny_backbone("llama")
+    compressor = build_compressor(config, backbone, tok)
+    ids, _ = compressor.encode_inputs(DOCS[:1], [QUERY])
+    tail = compressor.tokenizer.convert_ids_to_tokens(ids[0, -9:].tolist())
+    assert tail == [f"<MEM{i}>" for i in range(8)] + ["<RR>"]
+
+
 def test_native_round_trip_with_head(tmp_path):
     oscar = oscar_model(seed=2, path=tmp_path / "base")
     ranked = oscar.rerank(QUERY, DOCS)

@@ -458,6 +458,40 @@ def test_oscar_lora_compressor_trains_and_saves(tmp_path):
     assert not [k for k in stored if k.startswith("body.")]  # by reference: LoRA factors only
 
 
+def test_oscar_with_token_mean_memories_trains(tmp_path):
+    """An OSCAR model reading token-mean memories: the student splices the same memories as
+    inference, its head still learns from teacher scores, and the decoder adapter trains."""
+    model = pisco(
+        compressor="first-layers:1",
+        rerank_head=True,
+        compression_rate=4,
+        memory_source="token-mean",
+    )
+    recs = [
+        dict(r, teacher_scores=[1.0 if i == r["gold_index"] else 0.0 for i in (0, 1)])
+        for r in RECORDS
+    ]
+    batch = DistillationCollator(model, "answer")(recs[:1])
+    memories = model._token_mean_memories(batch["token_input_ids"], batch["token_attention_mask"])
+    inference = model.compress(recs[0]["documents"], queries=[recs[0]["question"]] * 2)
+    for row, memory in zip(memories, inference, strict=True):
+        torch.testing.assert_close(row, memory.vectors, atol=1e-5, rtol=1e-5)
+    student = StudentModule(model).eval()
+    without = {k: v for k, v in batch.items() if not k.startswith("token_")}
+    assert float(student(**batch)["ce_loss"]) != pytest.approx(float(student(**without)["ce_loss"]))
+    head0 = model.compressor.head.weight.detach().clone()
+    decoder0 = {n: p.detach().clone() for n, p in model.model.named_parameters() if "decoder" in n}
+    result = train(model, recs, config=config(tmp_path, max_steps=2))
+    assert any("rerank_loss" in h for h in result["log_history"])
+    assert not torch.equal(model.compressor.head.weight, head0)
+    changed = [
+        n
+        for n, p in model.model.named_parameters()
+        if n in decoder0 and not torch.equal(p, decoder0[n])
+    ]
+    assert changed
+
+
 def test_oscar_head_learning_rate_and_interaction_term():
     model = oscar()
     model.add_rerank_interaction()

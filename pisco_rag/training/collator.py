@@ -172,7 +172,13 @@ class DistillationCollator:
         if model.compressor is not None:  # OSCAR: query-dependent
             comp = model.compressor
             inputs = comp.encode_inputs(texts, queries, query_mask=comp.interaction)
-            return dict(zip(("enc_input_ids", "enc_attention_mask", "enc_query_mask"), inputs))
+            batch = dict(zip(("enc_input_ids", "enc_attention_mask", "enc_query_mask"), inputs))
+            if model.config.token_mean_memories:  # the compressor scores, memories are means
+                ids, mask = pisco_encoder_inputs(
+                    model.tokenizer, texts, model.mem_token_ids, width=None
+                )
+                batch.update(token_input_ids=ids, token_attention_mask=mask)
+            return batch
         # padded to the longest chunk of the batch, not to the fixed inference width: the same
         # memories up to float rounding, with less padding to compute on
         ids, mask = pisco_encoder_inputs(model.tokenizer, texts, model.mem_token_ids, width=None)

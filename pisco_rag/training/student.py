@@ -61,7 +61,7 @@ class StudentModule(nn.Module):
         if self.compressor is not None:
             memories, scores = self.compressor(enc_input_ids, enc_attention_mask, enc_query_mask)
             return self.pisco.standardise_memories(memories), scores
-        if self.pisco.config.compressor == "token-mean":
+        if self.pisco.config.token_mean_memories:
             return self.pisco._token_mean_memories(enc_input_ids, enc_attention_mask), None
         use_adapter(self.backbone, ENCODER)
         self._keep_trainable()
@@ -90,6 +90,8 @@ class StudentModule(nn.Module):
         enc_input_ids: torch.Tensor | None = None,
         enc_attention_mask: torch.Tensor | None = None,
         enc_query_mask: torch.Tensor | None = None,
+        token_input_ids: torch.Tensor | None = None,
+        token_attention_mask: torch.Tensor | None = None,
         teacher_scores: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         chunk_document: torch.Tensor | None = None,
@@ -108,6 +110,8 @@ class StudentModule(nn.Module):
             memories, scores = None, None
             if enc_input_ids is not None:  # None: every row reads its documents as text
                 memories, scores = self.compress(enc_input_ids, enc_attention_mask, enc_query_mask)
+            if token_input_ids is not None:  # OSCAR scores, token-mean memories
+                memories = pisco._token_mean_memories(token_input_ids, token_attention_mask)
             use_adapter(self.backbone, DECODER)
             self._keep_trainable()
             embeds = self.backbone.get_input_embeddings()(input_ids)
