@@ -113,6 +113,9 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
             cfg.pop(volatile, None)
         for key in [k for k in cfg if k.startswith("retriever")]:
             cfg.pop(key)  # retrieval never changes memories or answers
+        for key, default in (("memory_source", "compressor"), ("compressor_memory_tokens", None)):
+            if cfg[key] == default:  # settings added later: earlier models keep their fingerprint
+                cfg.pop(key)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(b"half" if self.dtype in (torch.float16, torch.bfloat16) else b"full")
         with torch.no_grad():
