@@ -563,6 +563,14 @@ def test_cli_build_train_eval(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["n"] == 4 and {"text", "compressed"} <= set(report)
     assert run(evaluate % "train.jsonl" + " --out {d}/r2.json") == 2  # training records refused
+    oscar_scores_token_mean_memories = (
+        "train {d}/train.jsonl --from-backbone {d}/bb --output {d}/oscar --max-steps 1 "
+        "--batch-size 2 --device cpu --quiet --compressor first-layers:1 --rerank-head "
+        "--compression-rate 4 --memory-source token-mean"
+    )
+    assert run(oscar_scores_token_mean_memories) == 0
+    saved = json.loads((tmp_path / "oscar" / "final" / "config.json").read_text())
+    assert saved["memory_source"] == "token-mean" and saved["compressor"] == "first-layers"
     assert run(train_cmd.replace("train.jsonl", "eval.jsonl")) == 2  # eval records refused
 
 

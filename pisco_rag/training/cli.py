@@ -40,6 +40,7 @@ def _load_model(args: argparse.Namespace, *, for_training: bool):
             compression_rate=args.compression_rate,
             rerank_head=args.rerank_head,
             rerank_interaction=args.rerank_interaction,
+            memory_source=args.memory_source,
             lora_r=args.lora_r,
             device=args.device,
             dtype=dtype,
@@ -374,6 +375,13 @@ def add_train_commands(subparsers: Any) -> None:
         action="store_true",
         help="OSCAR, first-layers compressor with a head: add the late-interaction term to its "
         "scores (query tokens matched to document tokens in the same pass; ranks with no training)",
+    )
+    tr.add_argument(
+        "--memory-source",
+        choices=["compressor", "token-mean"],
+        default="compressor",
+        help="with --from-backbone and an OSCAR compressor: the decoder reads the compressor's "
+        "memories (OSCAR) or the chunk's token-mean ones (the compressor then only scores)",
     )
     tr.add_argument(
         "--lora-r",
