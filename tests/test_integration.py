@@ -6,6 +6,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from pisco_rag import PiscoModel, SQLiteMemoryStore
 from pisco_rag.chunking import count_tokens
@@ -61,19 +62,23 @@ def test_without_shipped_weights_the_default_is_untrained(monkeypatch, tmp_path)
         PiscoModel.from_pretrained("embedded-oscar")
 
 
-def test_embedded_oscar_reranks_and_answers():
+def test_embedded_oscar_reranks_and_answers(smollm):
+    """The shipped OSCAR model ranks with its compressor's pass and answers from token-mean
+    memories, the same memories (and decoder) as the embedded reader."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oscar = PiscoModel.from_pretrained("embedded-oscar", device="cpu")
     assert oscar.config.rerank_head and oscar.config.compressor == "first-layers"
+    assert oscar.config.memory_source == "token-mean"
     docs = ["The bakery sells rye bread.", PARIS, "Mount Fuji is in Japan."]
     ranked = oscar.rerank("What is the capital of France?", docs)
     assert sorted(r.index for r in ranked) == [0, 1, 2]
     assert oscar.config.rerank_interaction and ranked[0].index == 1  # the Paris passage first
+    torch.testing.assert_close(ranked[0].memories[0].vectors, smollm.compress([PARIS])[0].vectors)
     (answer,) = oscar.generate(
         ["What is the capital of France?"], [ranked[0].memories], max_new_tokens=4
     )
-    assert isinstance(answer, str)
+    assert "Paris" in answer
 
 
 def test_128_token_chunk_gives_32_by_576_memory(smollm):
