@@ -8,6 +8,7 @@ adapters under one lock, so threads and event loops can share a model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -113,8 +114,9 @@ class PiscoModel(LoadingMixin, CompressionMixin, GenerationMixin, StreamingMixin
             cfg.pop(volatile, None)
         for key in [k for k in cfg if k.startswith("retriever")]:
             cfg.pop(key)  # retrieval never changes memories or answers
-        for key, default in (("memory_source", "compressor"), ("compressor_memory_tokens", None)):
-            if cfg[key] == default:  # settings added later: earlier models keep their fingerprint
+        defaults = {f.name: f.default for f in dataclasses.fields(PiscoConfig)}
+        for key in ("memory_source", "compressor_memory_tokens"):  # settings added later:
+            if cfg[key] == defaults[key]:  # earlier models keep their fingerprint
                 cfg.pop(key)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(b"half" if self.dtype in (torch.float16, torch.bfloat16) else b"full")

@@ -138,6 +138,18 @@ def setup_trainable(student: StudentModule, config: TrainConfig) -> TrainableSet
     return TrainableSetup(groups, named, hooks, saved)
 
 
+def save_trainable(setup: TrainableSetup, directory: str | os.PathLike[str]) -> None:
+    """Write the live trainable parameters to ``directory/trainable.safetensors`` (what
+    :func:`load_trainable` reads back on resume)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {n: p.detach().contiguous().cpu() for n, p in setup.named.items()},
+        os.path.join(directory, TRAINABLE_FILE),
+        metadata={"format": "pt"},
+    )
+
+
 def load_trainable(setup: TrainableSetup, checkpoint: str | os.PathLike[str]) -> None:
     """Copy a checkpoint's ``trainable.safetensors`` into the live parameters."""
     from safetensors.torch import load_file
@@ -169,5 +181,6 @@ __all__ = [
     "TrainableSetup",
     "add_compressor_lora",
     "load_trainable",
+    "save_trainable",
     "setup_trainable",
 ]

@@ -48,7 +48,7 @@ from .collator import DistillationCollator
 from .config import TrainConfig
 from .data import load_records, resolve_target_field, training_target
 from .student import StudentModule
-from .trainable import TRAINABLE_FILE, TrainableSetup, load_trainable, setup_trainable
+from .trainable import TrainableSetup, load_trainable, save_trainable, setup_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +121,8 @@ class PiscoTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        from safetensors.torch import save_file
-
         save_checkpoint(self.pisco, output_dir)
-        save_file(
-            {n: p.detach().contiguous().cpu() for n, p in self.setup.named.items()},
-            os.path.join(output_dir, TRAINABLE_FILE),
-            metadata={"format": "pt"},
-        )
+        save_trainable(self.setup, output_dir)
         args = {k: v for k, v in self.args.to_dict().items() if _jsonable(v)}
         Path(output_dir, "training_args.json").write_text(json.dumps(args, indent=2) + "\n")
 
