@@ -25,7 +25,7 @@ from langchain_core.runnables import run_in_executor
 from pydantic import ConfigDict, Field, model_validator
 
 from pisco_rag import Completion, PiscoInputError, PiscoModel
-from pisco_rag.model import TextStream
+from pisco_rag.streaming import CompletedStream, TextStream
 
 # Standard parameters of hosted chat models that mean nothing for a local model: accepted and
 # ignored, so that code written for another provider keeps working after the swap.
@@ -83,6 +83,9 @@ class ChatPisco(BaseChatModel):
     """Whether ``invoke`` streams internally (to callbacks) by default."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra Hugging Face ``generate`` arguments (``top_p``, ``repetition_penalty``...)."""
+    ground_answers: bool = False
+    """Align each short answer to the most similar span of the text of the memories it was
+    read from (:mod:`pisco_rag.grounding`); a streamed grounded answer comes in one chunk."""
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +118,7 @@ class ChatPisco(BaseChatModel):
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "stop": self.stop,
+            "ground_answers": self.ground_answers,
             **self.model_kwargs,
         }
 
@@ -149,6 +153,7 @@ class ChatPisco(BaseChatModel):
         temperature = kwargs.pop("temperature", self.temperature)
         args: dict[str, Any] = {**self.model_kwargs, **kwargs}
         args["max_new_tokens"] = int(max_tokens)
+        args.setdefault("ground_answers", self.ground_answers)
         if temperature:
             args.setdefault("do_sample", True)
             args["temperature"] = float(temperature)
@@ -197,12 +202,12 @@ class ChatPisco(BaseChatModel):
 
     def _open_stream(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> TextStream:
+    ) -> TextStream | CompletedStream:
         # Rendering resolves the tags: a bad tag fails here, before any token.
         prompt = to_pisco_messages(messages)
         return self.pisco_model.stream_complete(prompt, **self._generation_args(stop, kwargs))
 
-    def _last_chunk(self, stream: TextStream) -> ChatGenerationChunk:
+    def _last_chunk(self, stream: TextStream | CompletedStream) -> ChatGenerationChunk:
         """The closing chunk: no text, the exact token counts and the finish reason."""
         completion = stream.completion
         if completion is None:  # pragma: no cover - the core sets it once the stream is over

@@ -72,6 +72,15 @@ class PiscoLLM(CustomLLM):
         description="Override the context window (default: the backbone's max positions).",
     )
 
+    ground_answers: bool = Field(
+        default=False,
+        description=(
+            "Align each short answer to the most similar span of the text of the memories it "
+            "was read from (pisco_rag.grounding): names spelled as the documents spell them. "
+            "A streamed grounded answer comes in one piece."
+        ),
+    )
+
     trusted_prompt_args: list[str] = Field(
         default_factory=lambda: ["context_str"],
         description=(
@@ -189,13 +198,21 @@ class PiscoLLM(CustomLLM):
 
     def _run(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> Completion:
         max_new, stop, args = self._generation(kwargs)
-        (result,) = self._model.complete([messages], max_new_tokens=max_new, stop=stop, **args)
+        (result,) = self._model.complete(
+            [messages],
+            max_new_tokens=max_new,
+            stop=stop,
+            ground_answers=self.ground_answers,
+            **args,
+        )
         return result
 
     def _stream(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> Iterator[str]:
         max_new, stop, args = self._generation(kwargs)
         # Renders (and resolves tags) now, so a bad prompt fails at the call, not mid-stream.
-        return self._model.stream_complete(messages, max_new_tokens=max_new, stop=stop, **args)
+        return self._model.stream_complete(
+            messages, max_new_tokens=max_new, stop=stop, ground_answers=self.ground_answers, **args
+        )
 
     def _completion_response(self, result: Completion) -> CompletionResponse:
         usage = self._usage(result)

@@ -41,6 +41,7 @@ def _chunks(model, folder: str):
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from .documents import DenseRetriever
+    from .grounding import ground_answer
 
     model = _load_model(args)
     chunks = _chunks(model, args.folder)
@@ -70,6 +71,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.decoder != "torch":
             model.set_decoding_backend("llama.cpp", weights=args.decoder.partition(":")[2] or "f32")
         answer = model.generate([args.question], [memories], max_new_tokens=args.max_new_tokens)[0]
+        if not args.no_ground:
+            decoded, answer = answer, ground_answer(answer, texts)
+            if answer != decoded:
+                mode += f", aligned to a passage span from {decoded!r}"
     print(f"Answer ({mode}): {answer}\n\nSources:")
     for rank, (chunk, score) in enumerate(hits, 1):
         snippet = " ".join(chunk.text.split())[:100]
@@ -200,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on CPUs; f32 weights give the torch answers; needs pisco-rag[llama-cpp])",
     )
     ask.add_argument("--store", default=None, help="SQLite memory store to read and fill")
+    ask.add_argument(
+        "--no-ground",
+        action="store_true",
+        help="print the answer as decoded from memories, without aligning a short answer to "
+        "the closest span of the retrieved chunks (pisco_rag.grounding)",
+    )
     ask.add_argument(
         "--text",
         action="store_true",

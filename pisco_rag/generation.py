@@ -5,7 +5,7 @@ memory tags), answer likelihoods, and the decoder backends (torch, or llama.cpp)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from .adapters import DECODER, use_adapter
 from .errors import MemoryMismatchError, PiscoInputError
+from .grounding import ground_answer
 from .memory import Memory
 from .prompting import (
     ChatTurn,
@@ -26,7 +27,7 @@ from .prompting import (
     split_tags,
     text_ids,
 )
-from .streaming import TextStream, _cut_at_stop
+from .streaming import CompletedStream, TextStream, _cut_at_stop
 
 Messages = str | Sequence[dict[str, Any]]
 
@@ -55,12 +56,21 @@ class GenerationMixin:
         max_new_tokens: int = 64,
         batch_size: int = 8,
         show_progress: bool = False,
+        ground_answers: bool = False,
         **generation_kwargs: Any,
     ) -> list[str]:
         """Answer each question from its contexts: ``contexts[i]`` mixes :class:`Memory` objects
         and plain text passages, any number (0 included). Greedy unless generation arguments
-        (``do_sample``, ``temperature``...) say otherwise; batched with left padding."""
+        (``do_sample``, ``temperature``...) say otherwise; batched with left padding.
+        ``ground_answers=True`` replaces each short answer by the most similar span of its
+        contexts' text (:func:`~pisco_rag.grounding.ground_answer`; memories need their
+        ``text``)."""
         prompts = self._pisco_prompts(questions, contexts)
+        passages = (
+            [_context_texts(ctx, f"contexts[{i}]") for i, ctx in enumerate(contexts)]
+            if ground_answers
+            else None
+        )
         out: list[str] = []
         for start in tqdm(
             range(0, len(prompts), check_batch_size(batch_size)),
@@ -69,6 +79,8 @@ class GenerationMixin:
         ):
             batch = prompts[start : start + batch_size]
             out += [c.text for c in self._generate(batch, max_new_tokens, None, generation_kwargs)]
+        if passages is not None:
+            out = [ground_answer(a, texts) for a, texts in zip(out, passages)]
         return out
 
     def stream(
@@ -200,11 +212,14 @@ class GenerationMixin:
         max_new_tokens: int = 256,
         stop: Sequence[str] | None = None,
         adapter: Literal["decoder", "none"] = "decoder",
+        ground_answers: bool = False,
         **generation_kwargs: Any,
     ) -> list[Completion]:
         """Prompt-level generation for framework adapters: each prompt is a string or chat
         messages whose memory tags are resolved from :attr:`store`. A prompt without tags is
-        plain text generation; ``adapter="none"`` reads it with the plain backbone."""
+        plain text generation; ``adapter="none"`` reads it with the plain backbone.
+        ``ground_answers=True`` aligns each short answer to the most similar span of the text
+        of the prompt's memories (:func:`~pisco_rag.grounding.ground_answer`)."""
         if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
             raise PiscoInputError(
                 "prompts must be a list of prompts (each a str or chat messages); wrap one "
@@ -213,7 +228,17 @@ class GenerationMixin:
         rendered = [self.render_prompt(p) for p in prompts]
         if adapter == "none" and any(r.memories for r in rendered):
             raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
-        return self._generate(rendered, max_new_tokens, stop, generation_kwargs, adapter=adapter)
+        passages = (
+            [_context_texts(r.memories, f"prompts[{i}]") for i, r in enumerate(rendered)]
+            if ground_answers
+            else None
+        )
+        results = self._generate(rendered, max_new_tokens, stop, generation_kwargs, adapter=adapter)
+        if passages is not None:
+            results = [
+                replace(c, text=ground_answer(c.text, texts)) for c, texts in zip(results, passages)
+            ]
+        return results
 
     def stream_complete(
         self,
@@ -222,10 +247,22 @@ class GenerationMixin:
         max_new_tokens: int = 256,
         stop: Sequence[str] | None = None,
         adapter: Literal["decoder", "none"] = "decoder",
+        ground_answers: bool = False,
         **generation_kwargs: Any,
-    ) -> TextStream:
+    ) -> TextStream | CompletedStream:
         """Like :meth:`complete` for one prompt, yielding text pieces; the stream's
-        ``completion`` has the token counts once it is exhausted."""
+        ``completion`` has the token counts once it is exhausted. A grounded answer comes in
+        one piece (its span is known only once the whole answer is decoded)."""
+        if ground_answers:
+            (result,) = self.complete(
+                [prompt],
+                max_new_tokens=max_new_tokens,
+                stop=stop,
+                adapter=adapter,
+                ground_answers=True,
+                **generation_kwargs,
+            )
+            return CompletedStream(result)
         rendered = self.render_prompt(prompt)
         if adapter == "none" and rendered.memories:
             raise PiscoInputError("adapter='none' reads text only; the prompt holds memory tags")
@@ -466,6 +503,18 @@ class GenerationMixin:
 
 
 # ---------------------------------------------------------------------- helpers
+def _context_texts(context: Sequence[Memory | str], where: str) -> list[str]:
+    """The text of a question's passages and memories, for grounding its answer."""
+    texts = [c if isinstance(c, str) else c.text for c in context]
+    if any(t is None for t in texts):
+        raise PiscoInputError(
+            f"ground_answers needs the text of every memory, and a memory of {where} carries "
+            "none (a store that keeps vectors only); compress the text again, or turn "
+            "ground_answers off"
+        )
+    return texts
+
+
 def tail_forward(
     backbone: PreTrainedModel,
     embeds: torch.Tensor,

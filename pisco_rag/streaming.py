@@ -125,6 +125,21 @@ class TextStream(Iterator[str]):
             self._cancel.set()
 
 
+class CompletedStream(Iterator[str]):
+    """A :class:`TextStream` of an answer known in full before it is handed over (a grounded
+    answer: its span is found once the whole answer is decoded): one piece, then done."""
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion: Completion | None = completion
+        self._pieces = iter([completion.text] if completion.text else [])
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Nothing runs any more; kept so callers treat both streams alike."""
+
+
 # Streams still generating; stopped and joined at interpreter exit, since a daemon thread
 # killed inside a torch op aborts the process ("terminate called without an active exception").
 _LIVE_GENERATIONS: dict[threading.Thread, threading.Event] = {}

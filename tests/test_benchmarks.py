@@ -387,3 +387,35 @@ def test_memory_readability_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert "memories" not in result and result["decoder_on_oracle"]["compression_rate"] == 4
     assert [p["step"] for p in result["decoder_on_oracle"]["curve"]] == [1]
+
+
+def test_grounding_script_scores_stored_answers(tmp_path):
+    """Grounding a stored report: a misspelled name becomes right, nothing runs a model."""
+    records = [
+        {
+            "id": "a",
+            "documents": ["Its keeper was Oskar Berg until 1969 ."],
+            "answer": "Oskar Berg",
+        },
+        {"id": "b", "documents": ["The Elbe flows through Hamburg ."], "answer": "Elbe"},
+    ]
+    predictions = [
+        {"id": "a", "answer": "Oskar Berg", "text": "Oskar Berg", "compressed": "Oskar Beg"},
+        {"id": "b", "answer": "Elbe", "text": "The Elbe", "compressed": "Paris"},
+    ]
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    report = {"model": {"name": "m"}, "predictions": predictions}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "grounding.json"
+    run_script(
+        "benchmarks/grounding.py",
+        str(tmp_path / "report.json"),
+        str(tmp_path / "records.jsonl"),
+        "--out",
+        str(out),
+    )
+    modes = json.loads(out.read_text())["reports"]["report.json"]["modes"]
+    assert modes["compressed"]["as_decoded"]["match"] == 0.0
+    assert modes["compressed"]["grounded"]["0.75"]["match"] == 0.5  # "Oskar Beg" -> "Oskar Berg"
+    assert modes["text"]["grounded"]["0.75"]["match"] == 1.0
+    assert all(g["matches_lost"] == 0 for m in modes.values() for g in m["grounded"].values())

@@ -16,6 +16,7 @@ from pisco_rag.evaluation.runner import (
     summary,
     write_report,
 )
+from pisco_rag.grounding import ground_answer
 
 RECORDS = [
     {
@@ -69,6 +70,10 @@ def test_text_and_compressed_in_one_report(tiny_model, tmp_path):
     for mode in ("text", "compressed"):
         expected = answer_metrics([p[mode] for p in preds], labels)
         assert report[mode]["metrics"] == pytest.approx(expected)
+        grounded = [
+            ground_answer(p[mode], r["documents"]) for p, r in zip(preds, RECORDS, strict=True)
+        ]
+        assert report[mode]["grounded_metrics"] == pytest.approx(answer_metrics(grounded, labels))
         assert report[mode]["seconds"] >= 0
         sources = answer_sources(
             [p[mode] for p in preds],
@@ -95,6 +100,7 @@ def test_text_and_compressed_in_one_report(tiny_model, tmp_path):
     path = write_report(report, tmp_path / "out" / "r.json")
     assert json.loads(path.read_text())["data"]["n"] == 3
     assert "text" in summary(report) and "compressed" in summary(report)
+    assert "grounded answers: match=" in summary(report)
 
 
 def test_predictions_match_direct_calls(tiny_model):

@@ -16,6 +16,9 @@ with a reranking head, the head's ranking against the first-stage order), as a J
   words (:func:`~pisco_rag.evaluation.metrics.answer_lead`) occur in the gold document, only
   in another document, or in none: a reader that picks the wrong passage versus one that
   cannot read its passage.
+- ``grounded_metrics`` per mode: the same metrics once each short answer is aligned to the
+  closest span of its record's documents (:mod:`pisco_rag.grounding`): the answers that name
+  the right passage span but spell it wrong.
 - ``reranking`` (OSCAR with a head, records with ``gold_index``): recall@k, nDCG@k and MRR of
   the head's scores and of the first-stage order (``retrieval_scores`` when the records have
   them, else their document order); with ``top_n``, also the answers from the top-n documents
@@ -39,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PiscoInputError
+from ..grounding import ground_answer
 from ..memory import Memory
 from .metrics import answer_metrics, answer_sources, first_stage_ranking, ndcg_at_k, recall_at_k
 
@@ -149,6 +153,9 @@ def evaluate_rag(
     def answer_section(preds: list[str]) -> dict[str, Any]:
         """Answer metrics of one mode, and where its answers come from (with gold indices)."""
         section: dict[str, Any] = {"metrics": answer_metrics(preds, labels)}
+        # the same answers aligned to the closest span of the documents they were read from
+        grounded = [ground_answer(p, docs) for p, docs in zip(preds, documents)]
+        section["grounded_metrics"] = answer_metrics(grounded, labels)
         if has_gold:
             section["answer_source"] = answer_sources(preds, questions, documents, gold)
         return section
@@ -308,6 +315,11 @@ def summary(report: dict[str, Any]) -> str:
                 f"({report[mode]['seconds']:.1f}s, {report[mode]['prompt_tokens_mean']:.0f} "
                 "prompt tokens)"
             )
+            g = report[mode].get("grounded_metrics")
+            if g:
+                lines.append(
+                    f"  {'':<11} grounded answers: match={g['match']:.3f} f1={g['f1']:.3f}"
+                )
             source = report[mode].get("answer_source")
             if source:
                 lines.append(
