@@ -153,7 +153,8 @@ class ChatPisco(BaseChatModel):
         temperature = kwargs.pop("temperature", self.temperature)
         args: dict[str, Any] = {**self.model_kwargs, **kwargs}
         args["max_new_tokens"] = int(max_tokens)
-        args.setdefault("ground_answers", self.ground_answers)
+        if self.ground_answers:
+            args.setdefault("ground_answers", True)
         if temperature:
             args.setdefault("do_sample", True)
             args["temperature"] = float(temperature)

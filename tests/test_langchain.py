@@ -387,6 +387,8 @@ def test_chat_standard_parameters_reach_generation(tiny_model):
     }
     llm.invoke("hi", temperature=0, max_tokens=2)
     assert calls[-1] == {"max_new_tokens": 2, "top_k": 3, "stop": ["\n\n"]}  # greedy
+    ChatPisco(pisco_model=model, ground_answers=True).invoke("hi")
+    assert calls[-1]["ground_answers"] is True
     params = llm._get_ls_params(stop=["END"])
     assert params["ls_provider"] == "pisco" and params["ls_temperature"] == 0.7
     assert params["ls_max_tokens"] == 5 and params["ls_stop"] == ["\n\n", "END"]
