@@ -23,30 +23,11 @@ THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 MODES = ("text", "text_decoder", "compressed")
 
 
-def wrong_answers(answers: list[str], labels: list[str], docs: list[list[str]], gold: list[int]):
-    """Where the wrong (grounded) answers point: another span of the gold passage, a span of
-    another passage, or no passage (nothing close enough to ground on)."""
-    from pisco_rag.evaluation.metrics import match, normalize_answer
-
-    counts = {"span_of_the_gold_passage": 0, "span_of_another_passage": 0, "in_no_passage": 0}
-    for a, y, d, g in zip(answers, labels, docs, gold):
-        if match(a, y):
-            continue
-        text = normalize_answer(a)
-        if text and text in normalize_answer(d[g]):
-            counts["span_of_the_gold_passage"] += 1
-        elif text and any(text in normalize_answer(x) for x in d):
-            counts["span_of_another_passage"] += 1
-        else:
-            counts["in_no_passage"] += 1
-    return counts
-
-
 def grounding_rows(report: dict, records: list[dict]) -> dict:
     """Per mode: metrics as decoded, and per threshold the grounded metrics and the number of
     answers that matched before grounding and no longer do."""
-    from pisco_rag.evaluation.metrics import answer_metrics, match
-    from pisco_rag.grounding import ground_answer
+    from pisco_rag.evaluation.metrics import answer_metrics, answer_sources, match
+    from pisco_rag.grounding import MIN_SIMILARITY, ground_answer
 
     records_by_id = {r.get("id", i): r for i, r in enumerate(records)}
     documents = {k: r["documents"] for k, r in records_by_id.items()}
@@ -57,14 +38,28 @@ def grounding_rows(report: dict, records: list[dict]) -> dict:
         answers = [p[mode] for p in predictions]
         docs = [documents[p["id"]] for p in predictions]
         row = {"as_decoded": answer_metrics(answers, labels), "grounded": {}}
+        by_threshold = {}
         for t in THRESHOLDS:
             grounded = [ground_answer(a, d, min_similarity=t) for a, d in zip(answers, docs)]
             lost = sum(match(a, y) > match(g, y) for a, g, y in zip(answers, grounded, labels))
             row["grounded"][str(t)] = {**answer_metrics(grounded, labels), "matches_lost": lost}
-        grounded = [ground_answer(a, d) for a, d in zip(answers, docs)]  # the default threshold
+            by_threshold[t] = grounded
+        # where the answers still wrong at the default threshold come from (answer_sources:
+        # the gold passage, only another passage, or none), as counts
         gold = [records_by_id[p["id"]].get("gold_index") for p in predictions]
-        if all(isinstance(g, int) for g in gold):
-            row["wrong_after_grounding"] = wrong_answers(grounded, labels, docs, gold)
+        wrong = [
+            i
+            for i, (g, y) in enumerate(zip(by_threshold[MIN_SIMILARITY], labels))
+            if not match(g, y)
+        ]
+        if wrong and all(isinstance(g, int) for g in gold):
+            shares = answer_sources(
+                [by_threshold[MIN_SIMILARITY][i] for i in wrong],
+                [predictions[i]["question"] for i in wrong],
+                [docs[i] for i in wrong],
+                [gold[i] for i in wrong],
+            )
+            row["wrong_after_grounding"] = {k: round(v * len(wrong)) for k, v in shares.items()}
         out[mode] = row
     return out
 

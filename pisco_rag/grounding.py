@@ -17,19 +17,12 @@ from collections.abc import Sequence
 from rapidfuzz import fuzz, process
 
 from .errors import PiscoInputError
+from .evaluation.metrics import normalize_answer
 
 MIN_SIMILARITY = 0.75  # rapidfuzz ratio / 100 below which an answer is left as decoded
 MAX_ANSWER_WORDS = 6  # longer answers are sentences, not names: never replaced
 
 _EDGE = string.punctuation + "`'\u2018\u2019\u201c\u201d"
-
-
-def _normalized(text: str) -> str:
-    # the same normalisation the evaluation's Match uses, imported lazily to keep this module
-    # free of the evaluation package at import time
-    from .evaluation.metrics import normalize_answer
-
-    return normalize_answer(text)
 
 
 def _spans(passage: str, lengths: range) -> list[str]:
@@ -58,7 +51,7 @@ def ground_answer(
         raise PiscoInputError(f"answer must be a str, got {type(answer).__name__}")
     if not 0.0 <= min_similarity <= 1.0:
         raise PiscoInputError(f"min_similarity must be in [0, 1], got {min_similarity!r}")
-    target = _normalized(answer)
+    target = normalize_answer(answer)
     n = len(target.split())
     if not target or n > max_answer_words:
         return answer
@@ -66,7 +59,7 @@ def ground_answer(
     candidates = [s for p in passages if isinstance(p, str) for s in _spans(p, lengths)]
     if not candidates:
         return answer
-    best = process.extractOne(target, candidates, scorer=fuzz.ratio, processor=_normalized)
+    best = process.extractOne(target, candidates, scorer=fuzz.ratio, processor=normalize_answer)
     if best is None or best[1] < 100 * min_similarity:
         return answer
     return best[0]
